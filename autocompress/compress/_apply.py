@@ -1,0 +1,94 @@
+"""``apply``: the whole engine, structure -> factorize -> prune -> quantize -> distill."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from autocompress.compress._finetune import distill
+from autocompress.compress._lowrank import factorize
+from autocompress.compress._meta import set_quant_records
+from autocompress.compress._prune import plan_masks
+from autocompress.compress._quant import attach, bake
+from autocompress.compress._width import shrink_width
+from autocompress.errors import PlanError
+from autocompress.spaces._discover import discover_layers
+from autocompress.spaces._plan import Plan
+from autocompress.tasks._base import Task
+
+
+def check_plan(model: nn.Module, plan: Plan) -> None:
+    """Raise :class:`PlanError` (one line) if ``plan`` does not fit ``model``'s layers."""
+    layers = {info.name: info for info in discover_layers(model)[0]}
+    for name, lp in plan.layers.items():
+        if name not in layers:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(layers), n=3)
+            hint = f"did you mean {close}?" if close else f"valid layers: {list(layers)[:8]}"
+            raise PlanError(f"plan names unknown layer {name!r}: {hint}")
+        if lp.rank_ratio < 1.0 and not layers[name].factorizable:
+            raise PlanError(
+                f"layer {name!r} cannot be factorized ({layers[name].note}): use rank_ratio 1.0"
+            )
+
+
+def restructure(model: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with the plan's structural steps only: width shrink, then low-rank.
+
+    Shapes depend only on the architecture and the plan, so the artifact loader calls this on an
+    untrained architecture to rebuild a compressed model's shapes before loading its weights.
+    """
+    check_plan(model, plan)
+    model = shrink_width(model, plan.width, example_input)
+    ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
+    if ratios:
+        model = factorize(model, ratios)
+    set_quant_records(model, {})
+    return model
+
+
+def apply(
+    model: nn.Module,
+    plan: Plan,
+    task: Task | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    example_input: torch.Tensor | None = None,
+    seed: int = 0,
+    deadline: float | None = None,
+) -> nn.Module:
+    """Compress ``model`` according to ``plan`` and return a new module (input untouched).
+
+    Order: structured width shrink (torch-pruning, weights inherited) -> low-rank SVD
+    factorization -> magnitude pruning (masks kept) -> k-bit quantization with straight-through
+    fake quantization -> distillation fine-tune from ``teacher`` (default: ``model`` itself) on
+    ``task``'s data, if ``task`` is given and ``plan.finetune.epochs > 0``. The result's weights
+    are baked to the exact values an artifact stores.
+
+    Example:
+        >>> from autocompress.tasks import get_task
+        >>> task = get_task("digits-mlp")
+        >>> plan = Plan.uniform(["fc1", "fc2", "fc3"], sparsity=0.5, bits=8).replace(
+        ...     finetune=FinetuneSettings(epochs=1))
+        >>> small = apply(task.teacher(), plan, task)
+        >>> float((small.fc1.weight == 0).float().mean()) >= 0.5
+        True
+    """
+    check_plan(model, plan)
+    if example_input is None:
+        if task is None and plan.width < 1.0:
+            raise PlanError("width < 1 needs an example input: pass task= or example_input=")
+        example_input = task.example_input() if task is not None else None
+    teacher = (teacher if teacher is not None else model).eval()
+    student = restructure(model, plan, example_input) if example_input is not None else None
+    if student is None:  # width == 1 and no example input: factorize only
+        ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
+        student = factorize(copy.deepcopy(model), ratios) if ratios else copy.deepcopy(model)
+    masks = plan_masks(student, plan)
+    attach(student, plan, masks)
+    if task is not None and plan.finetune.epochs > 0:
+        distill(student, teacher, task, plan.finetune, seed=seed, deadline=deadline)
+    return bake(student).eval()

@@ -1,0 +1,84 @@
+"""Knowledge-distillation fine-tune of a compressed student from its teacher."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from autocompress.spaces._plan import FinetuneSettings
+from autocompress.tasks._base import Task
+
+
+class FinetuneDiverged(RuntimeError):
+    """The fine-tune loss became NaN or infinite."""
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    task: Task,
+    settings: FinetuneSettings,
+    *,
+    seed: int = 0,
+    deadline: float | None = None,
+) -> dict[str, float]:
+    """Fine-tune ``student`` in place from ``teacher``'s soft targets and the labels.
+
+    Loss: ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE`` for classification,
+    ``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)`` for regression. Early
+    stopping on the validation metric restores the best epoch. ``deadline`` (a
+    ``time.monotonic()`` value) stops training early, keeping the best epoch so far.
+
+    Returns ``{"epochs": epochs run, "val": best val metric}``.
+    """
+    s = settings
+    if s.epochs <= 0:
+        return {"epochs": 0.0, "val": task.evaluate(student, "val")[task.metric_name]}
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x, y = task.data("train").tensors
+    with torch.no_grad():
+        soft = task.predict(teacher, "train")
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=s.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
+    best = task.evaluate(student, "val")[task.metric_name]
+    best_state, bad, epochs = copy.deepcopy(student.state_dict()), 0, 0
+    t = s.temperature
+    for _ in range(s.epochs):
+        student.train()
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), s.batch_size):
+            idx = perm[i : i + s.batch_size]
+            out = student(x[idx])
+            if task.kind == "classification":
+                kd = F.kl_div(
+                    F.log_softmax(out / t, dim=1), F.softmax(soft[idx] / t, dim=1),
+                    reduction="batchmean",
+                ) * (t * t)
+                hard = F.cross_entropy(out, y[idx])
+            else:
+                kd, hard = F.mse_loss(out, soft[idx]), F.mse_loss(out, y[idx])
+            loss = s.alpha * kd + (1 - s.alpha) * hard
+            if not math.isfinite(loss.item()):
+                raise FinetuneDiverged(f"fine-tune loss became {float(loss)}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        epochs += 1
+        score = task.evaluate(student, "val")[task.metric_name]
+        if score > best:
+            best, best_state, bad = score, copy.deepcopy(student.state_dict()), 0
+        else:
+            bad += 1
+        if bad >= s.patience or (deadline is not None and time.monotonic() > deadline):
+            break
+    student.load_state_dict(best_state)
+    student.eval()
+    return {"epochs": float(epochs), "val": float(best)}

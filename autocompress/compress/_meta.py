@@ -1,0 +1,54 @@
+"""Quantization records attached to a compressed model.
+
+The engine leaves every compressed weight *baked*: pruned entries are exact zeros and quantized
+weights hold exactly the values the artifact stores (``code * scale`` or ``codebook[code]``, all
+scales and codebooks representable in fp16). The record of how each weight was quantized is kept
+on the model as the attribute ``QUANT_ATTR`` (a plain dict, so ``copy.deepcopy`` keeps it), keyed
+by the parameter's fully qualified name (``"fc1.weight"``, ``"fc1.0.weight"`` for a factorized
+layer). Artifacts read these records to encode codes; nothing here is pickled.
+
+Conventions (shared with ``autocompress.artifacts``):
+
+* ``scheme == "uniform"``: symmetric per-output-channel (dim 0). Integer codes
+  ``q in [-(2**(bits-1) - 1), 2**(bits-1) - 1]``, weight ``= q * scale[c]`` computed in fp32, with
+  ``scale`` a float32 tensor of shape ``(out_channels,)`` whose values are fp16-exact. ``bits=2``
+  is ternary {-1, 0, 1}.
+* ``scheme == "codebook"``: ``codebook`` a float32 tensor of ``2**bits`` fp16-exact values with
+  ``codebook[0] == 0.0`` (so pruned zeros have a code); weight ``= codebook[code]``.
+* ``scheme == "fp16"``: ``bits == 16``; the weight is fp16-exact, no scale.
+* The bias of any layer with a record is fp16-exact too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+QUANT_ATTR = "_autocompress_quant"
+
+
+@dataclass
+class QuantRecord:
+    """How one weight tensor was quantized (see module docstring for the conventions)."""
+
+    bits: int
+    scheme: str  # "uniform" | "codebook" | "fp16"
+    scale: torch.Tensor | None = None
+    codebook: torch.Tensor | None = None
+
+
+def quant_records(model: nn.Module) -> dict[str, QuantRecord]:
+    """The records of ``model`` (an empty dict for an uncompressed model)."""
+    return getattr(model, QUANT_ATTR, {})
+
+
+def set_quant_records(model: nn.Module, records: dict[str, QuantRecord]) -> None:
+    """Attach ``records`` to ``model`` (replacing any previous ones)."""
+    object.__setattr__(model, QUANT_ATTR, dict(records))
+
+
+def fp16_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest fp16 value, returned as float32."""
+    return t.detach().to(torch.float16).to(torch.float32)

@@ -1,0 +1,215 @@
+"""Plan: one concrete compression configuration, keyed by fully qualified layer names.
+
+A Plan is plain data (JSON round-trip, versioned) so it can travel through Ray, be stored next to
+an artifact and be reloaded next year.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from autocompress.errors import PlanError
+
+PLAN_VERSION = 1
+ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+SCHEMES: tuple[str, ...] = ("uniform", "codebook")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Knobs of one layer.
+
+    Args:
+        sparsity: fraction of weights set to zero by magnitude pruning, in [0, 1).
+        bits: weight bit-width, one of ``ALLOWED_BITS``; 32 means no quantization.
+        scheme: ``"uniform"`` (symmetric per-output-channel) or ``"codebook"`` (k-means shared
+            weights as in Deep Compression).
+        rank_ratio: low-rank factorization rank as a fraction of the largest useful rank, in
+            (0, 1]; 1.0 means the layer is not factorized.
+    """
+
+    sparsity: float = 0.0
+    bits: int = 32
+    scheme: str = "uniform"
+    rank_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0):
+            raise PlanError(f"sparsity={self.sparsity!r} is outside [0, 1): use e.g. 0.9")
+        if self.bits not in ALLOWED_BITS:
+            raise PlanError(f"bits={self.bits!r} is not allowed: choose one of {list(ALLOWED_BITS)}")
+        if self.scheme not in SCHEMES:
+            raise PlanError(f"scheme={self.scheme!r} is unknown: choose one of {list(SCHEMES)}")
+        if not (isinstance(self.rank_ratio, int | float) and 0.0 < self.rank_ratio <= 1.0):
+            raise PlanError(f"rank_ratio={self.rank_ratio!r} is outside (0, 1]: use 1.0 for no factorization")
+
+    @property
+    def is_identity(self) -> bool:
+        """True when this layer is left exactly as it is."""
+        return self.sparsity == 0.0 and self.bits == 32 and self.rank_ratio == 1.0
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Distillation fine-tune settings carried by a plan.
+
+    Args:
+        epochs: maximum fine-tune epochs (0 disables fine-tuning).
+        lr: Adam learning rate.
+        temperature: distillation temperature.
+        alpha: weight of the distillation loss (1 - alpha weights the label loss).
+        patience: early-stopping patience in epochs, measured on the validation split.
+        batch_size: mini-batch size.
+    """
+
+    epochs: int = 20
+    lr: float = 3e-3
+    temperature: float = 4.0
+    alpha: float = 0.7
+    patience: int = 6
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.epochs, int) and 0 <= self.epochs <= 10_000):
+            raise PlanError(f"finetune.epochs={self.epochs!r} must be an integer in [0, 10000]")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise PlanError(f"finetune.lr={self.lr!r} must be a positive number")
+        if not self.temperature > 0:
+            raise PlanError(f"finetune.temperature={self.temperature!r} must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise PlanError(f"finetune.alpha={self.alpha!r} must be in [0, 1]")
+        if not (isinstance(self.patience, int) and self.patience >= 1):
+            raise PlanError(f"finetune.patience={self.patience!r} must be an integer >= 1")
+        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+            raise PlanError(f"finetune.batch_size={self.batch_size!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One concrete compression configuration.
+
+    Args:
+        layers: per-layer knobs keyed by fully qualified module name (``model.named_modules()``).
+            Layers not listed are left uncompressed.
+        width: global student width multiplier in (0, 1]; hidden channels are shrunk structurally.
+        finetune: distillation fine-tune settings.
+
+    Example:
+        >>> p = Plan.uniform(["fc1", "fc2"], sparsity=0.5, bits=4)
+        >>> Plan.from_json(p.to_json()) == p
+        True
+    """
+
+    layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    width: float = 1.0
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.width, int | float) and 0.0 < self.width <= 1.0):
+            raise PlanError(f"width={self.width!r} is outside (0, 1]: use 1.0 for no shrink")
+        for name, lp in self.layers.items():
+            if not isinstance(lp, LayerPlan):
+                raise PlanError(f"layer {name!r}: expected a LayerPlan, got {type(lp).__name__}")
+        object.__setattr__(self, "layers", dict(sorted(self.layers.items())))
+
+    @classmethod
+    def uniform(
+        cls,
+        layers: Iterable[str],
+        *,
+        sparsity: float = 0.0,
+        bits: int = 32,
+        scheme: str = "uniform",
+        rank_ratio: float = 1.0,
+        width: float = 1.0,
+        finetune: FinetuneSettings | None = None,
+    ) -> Plan:
+        """The same knobs for every layer in ``layers`` (a baseline policy).
+
+        Example:
+            >>> Plan.uniform(["fc"], sparsity=0.9, bits=4).layers["fc"].bits
+            4
+        """
+        lp = LayerPlan(sparsity=sparsity, bits=bits, scheme=scheme, rank_ratio=rank_ratio)
+        return cls(
+            layers={n: lp for n in layers}, width=width, finetune=finetune or FinetuneSettings()
+        )
+
+    def replace(self, **changes: Any) -> Plan:
+        """A copy with some top-level fields changed."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(changes)
+        return Plan(**d)
+
+    @property
+    def is_identity(self) -> bool:
+        """True when applying the plan changes nothing structural or numeric."""
+        return self.width == 1.0 and all(lp.is_identity for lp in self.layers.values())
+
+    # --- JSON -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Versioned plain-data form (``_type`` and ``_version`` keys)."""
+        return {
+            "_type": "Plan",
+            "_version": PLAN_VERSION,
+            "width": self.width,
+            "finetune": asdict(self.finetune),
+            "layers": {n: asdict(lp) for n, lp in self.layers.items()},
+        }
+
+    def to_json(self) -> str:
+        """Compact JSON (artifacts count its bytes, so no indentation)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """Rebuild from :meth:`to_dict`, refusing unknown versions or fields with a clear error."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"plan must be a JSON object, got {type(d).__name__}")
+        if d.get("_type", "Plan") != "Plan":
+            raise PlanError(f"plan _type={d.get('_type')!r} is not 'Plan'")
+        version = d.get("_version", PLAN_VERSION)
+        if version != PLAN_VERSION:
+            raise PlanError(
+                f"plan _version={version!r} is not supported by this autocompress "
+                f"(supports {PLAN_VERSION}): upgrade autocompress"
+            )
+        allowed = {"_type", "_version", "width", "finetune", "layers"}
+        extra = set(d) - allowed
+        if extra:
+            raise PlanError(f"plan has unknown keys {sorted(extra)}: allowed are {sorted(allowed)}")
+        layers_raw = d.get("layers", {})
+        if not isinstance(layers_raw, Mapping):
+            raise PlanError("plan 'layers' must be an object mapping layer names to knobs")
+        layer_keys = {f.name for f in fields(LayerPlan)}
+        layers: dict[str, LayerPlan] = {}
+        for name, knobs in layers_raw.items():
+            if not isinstance(knobs, Mapping):
+                raise PlanError(f"plan layer {name!r} must be an object of knobs")
+            bad = set(knobs) - layer_keys
+            if bad:
+                raise PlanError(
+                    f"plan layer {name!r} has unknown knobs {sorted(bad)}: allowed are {sorted(layer_keys)}"
+                )
+            layers[str(name)] = LayerPlan(**knobs)
+        ft_raw = d.get("finetune", {})
+        if not isinstance(ft_raw, Mapping):
+            raise PlanError("plan 'finetune' must be an object")
+        ft_keys = {f.name for f in fields(FinetuneSettings)}
+        bad = set(ft_raw) - ft_keys
+        if bad:
+            raise PlanError(f"plan finetune has unknown keys {sorted(bad)}: allowed are {sorted(ft_keys)}")
+        return cls(layers=layers, width=d.get("width", 1.0), finetune=FinetuneSettings(**ft_raw))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse :meth:`to_json` output."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON ({e.msg} at line {e.lineno}): re-export it") from e
+        return cls.from_dict(d)

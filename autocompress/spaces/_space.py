@@ -1,0 +1,222 @@
+"""CompressionSpace: the searchable knobs of a model, and ``suggest(trial) -> Plan``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from autocompress.errors import PlanError
+from autocompress.spaces._discover import LayerInfo, discover_layers
+from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES, FinetuneSettings, LayerPlan, Plan
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Ranges searched for every free layer (and the global width).
+
+    A range ``(lo, hi)`` with ``lo == hi`` fixes the knob. ``None`` disables a knob.
+
+    Args:
+        sparsity: range of per-layer sparsity, within [0, 1).
+        sparsity_step: grid step of sparsity.
+        bits: allowed per-layer bit-widths (subset of 2..8, 16, 32).
+        schemes: quantization schemes to choose from (``uniform``, ``codebook``).
+        rank_ratio: range of per-layer rank ratio in (0, 1]; ``None`` disables factorization.
+        rank_step: grid step of rank ratio.
+        width: range of the global width multiplier in (0, 1]; ``None`` disables it.
+        width_step: grid step of width.
+    """
+
+    sparsity: tuple[float, float] | None = (0.0, 0.95)
+    sparsity_step: float = 0.05
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16, 32)
+    schemes: tuple[str, ...] = ("uniform",)
+    rank_ratio: tuple[float, float] | None = None
+    rank_step: float = 0.05
+    width: tuple[float, float] | None = None
+    width_step: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None:
+            lo, hi = self.sparsity
+            if not 0.0 <= lo <= hi < 1.0:
+                raise PlanError(f"knob sparsity={self.sparsity!r} must satisfy 0 <= lo <= hi < 1")
+        if not self.bits or any(b not in ALLOWED_BITS for b in self.bits):
+            raise PlanError(f"knob bits={self.bits!r}: each must be one of {list(ALLOWED_BITS)}")
+        if not self.schemes or any(s not in SCHEMES for s in self.schemes):
+            raise PlanError(f"knob schemes={self.schemes!r}: each must be one of {list(SCHEMES)}")
+        for name in ("rank_ratio", "width"):
+            r = getattr(self, name)
+            if r is not None and not 0.0 < r[0] <= r[1] <= 1.0:
+                raise PlanError(f"knob {name}={r!r} must satisfy 0 < lo <= hi <= 1")
+        for name in ("sparsity_step", "rank_step", "width_step"):
+            if not getattr(self, name) > 0:
+                raise PlanError(f"knob {name}={getattr(self, name)!r} must be > 0")
+
+
+def _check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
+    for n in names:
+        if n not in valid:
+            close = difflib.get_close_matches(n, valid, n=3)
+            hint = f"did you mean {close}?" if close else f"valid layers: {list(valid)[:8]}"
+            raise PlanError(f"unknown layer {n!r} in {what}: {hint}")
+
+
+@dataclass
+class CompressionSpace:
+    """Searchable compression knobs of one model.
+
+    Build it with :meth:`from_model`. Free layers (not excluded, not pinned) get their own
+    knobs, layers tied in a group share one set of knobs, pinned layers take fixed knobs, and
+    excluded layers are left uncompressed.
+
+    Example:
+        >>> from autocompress.tasks._models import DigitsMLP
+        >>> space = CompressionSpace.from_model(DigitsMLP(), exclude=["fc3"])
+        >>> [layer.name for layer in space.layers]
+        ['fc1', 'fc2', 'fc3']
+        >>> sorted(space.free_groups())
+        ['fc1', 'fc2']
+    """
+
+    layers: list[LayerInfo]
+    knobs: Knobs = field(default_factory=Knobs)
+    exclude: tuple[str, ...] = ()
+    pin: Mapping[str, LayerPlan] = field(default_factory=dict)
+    groups: tuple[tuple[str, ...], ...] = ()
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        knobs: Knobs | None = None,
+        *,
+        exclude: Iterable[str] = (),
+        pin: Mapping[str, LayerPlan | Mapping[str, Any]] | None = None,
+        groups: Iterable[Iterable[str]] = (),
+        finetune: FinetuneSettings | None = None,
+    ) -> CompressionSpace:
+        """Discover the compressible layers of ``model`` and validate every setting now."""
+        layers, skipped = discover_layers(model)
+        if not layers:
+            raise PlanError(
+                f"{type(model).__name__} has no compressible layers (Linear, Conv1d/2d, Embedding)"
+            )
+        names = [layer.name for layer in layers]
+        exclude_t = tuple(exclude)
+        _check_names(exclude_t, names, "exclude")
+        pins: dict[str, LayerPlan] = {}
+        for n, lp in (pin or {}).items():
+            _check_names([n], names, "pin")
+            pins[n] = lp if isinstance(lp, LayerPlan) else LayerPlan(**dict(lp))
+        groups_t = tuple(tuple(g) for g in groups)
+        seen: set[str] = set()
+        for g in groups_t:
+            _check_names(g, names, "groups")
+            for n in g:
+                if n in seen or n in exclude_t or n in pins:
+                    raise PlanError(
+                        f"layer {n!r} is in two groups or also excluded/pinned: use it once"
+                    )
+                seen.add(n)
+        space = cls(layers, knobs or Knobs(), exclude_t, pins, groups_t, finetune or FinetuneSettings(), skipped)
+        for n, lp in pins.items():
+            space._check_layer_plan(n, lp)
+        return space
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def layer(self, name: str) -> LayerInfo:
+        _check_names([name], self.layer_names, "plan")
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def free_groups(self) -> dict[str, tuple[str, ...]]:
+        """Searchable units: ``{key: layer names}``; a tied group's key is its first layer."""
+        tied = {n for g in self.groups for n in g}
+        units = {g[0]: g for g in self.groups}
+        for layer in self.layers:
+            n = layer.name
+            if n not in tied and n not in self.exclude and n not in self.pin:
+                units[n] = (n,)
+        return units
+
+    def _check_layer_plan(self, name: str, lp: LayerPlan) -> None:
+        info = self.layer(name)
+        if lp.rank_ratio < 1.0 and not info.factorizable:
+            raise PlanError(
+                f"layer {name!r} cannot be factorized ({info.note}): use rank_ratio 1.0"
+            )
+
+    def validate(self, plan: Plan) -> Plan:
+        """Check ``plan`` against this model's layers; return it unchanged if valid."""
+        for n, lp in plan.layers.items():
+            self._check_layer_plan(n, lp)
+        return plan
+
+    # --- sampling --------------------------------------------------------------------------
+    def suggest(self, trial: Any) -> Plan:
+        """Sample a Plan from an Optuna trial (define-by-run)."""
+        k = self.knobs
+        layers: dict[str, LayerPlan] = dict(self.pin)
+        for key, members in self.free_groups().items():
+            sp = 0.0
+            if k.sparsity is not None and k.sparsity[1] > 0:
+                sp = trial.suggest_float(f"{key}.sparsity", *k.sparsity, step=k.sparsity_step)
+                sp = min(round(sp, 6), 0.99)
+            bits = int(trial.suggest_categorical(f"{key}.bits", list(k.bits)))
+            scheme = k.schemes[0]
+            if len(k.schemes) > 1 and bits <= 8:
+                scheme = str(trial.suggest_categorical(f"{key}.scheme", list(k.schemes)))
+            rank = 1.0
+            if k.rank_ratio is not None and all(self.layer(m).factorizable for m in members):
+                rank = trial.suggest_float(f"{key}.rank_ratio", *k.rank_ratio, step=k.rank_step)
+                rank = min(round(rank, 6), 1.0)
+            lp = LayerPlan(sparsity=sp, bits=bits, scheme=scheme, rank_ratio=rank)
+            for m in members:
+                layers[m] = lp
+        width = 1.0
+        if self.knobs.width is not None:
+            width = round(trial.suggest_float("width", *k.width, step=k.width_step), 6)
+        return Plan(layers=layers, width=width, finetune=self.finetune)
+
+    def uniform(self, **knobs: Any) -> Plan:
+        """A uniform baseline plan over the non-excluded layers (pins still apply)."""
+        width = knobs.pop("width", 1.0)
+        names = [n for n in self.layer_names if n not in self.exclude and n not in self.pin]
+        plan = Plan.uniform(names, width=width, finetune=self.finetune, **knobs)
+        return plan.replace(layers={**plan.layers, **self.pin})
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per layer: name, kind, params, shape, role and available knobs."""
+        groups = self.free_groups()
+        rows = []
+        for layer in self.layers:
+            role = "free"
+            if layer.name in self.exclude:
+                role = "excluded"
+            elif layer.name in self.pin:
+                role = "pinned"
+            elif layer.name not in groups:
+                role = "tied:" + next(g[0] for g in self.groups if layer.name in g)
+            knobs = ["sparsity", "bits"] + (["rank"] if layer.factorizable else [])
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "kind": layer.kind,
+                    "params": layer.params,
+                    "shape": "x".join(map(str, layer.shape)),
+                    "role": role,
+                    "knobs": ",".join(knobs),
+                    "note": layer.note,
+                }
+            )
+        return rows

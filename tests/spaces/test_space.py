@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+from torch import nn
+
+from autocompress import PlanError
+from autocompress.spaces import CompressionSpace, Knobs, LayerPlan, Plan
+from autocompress.tasks._models import DigitsMLP, Mnist1dTransformer
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_discovers_layers_of_transformer() -> None:
+    space = CompressionSpace.from_model(Mnist1dTransformer())
+    names = space.layer_names
+    assert "proj" in names and "pos" in names and "blocks.1.ff2" in names
+    assert "blocks.0.attn.out_proj" in names
+    out_proj = space.layer("blocks.0.attn.out_proj")
+    assert not out_proj.factorizable
+    assert "blocks.0.attn" in space.skipped
+
+
+def test_suggest_respects_groups_pins_excludes_and_ranges() -> None:
+    knobs = Knobs(sparsity=(0.1, 0.9), bits=(2, 4, 8), rank_ratio=(0.2, 0.8), width=(0.5, 1.0))
+    space = CompressionSpace.from_model(
+        DigitsMLP(), knobs, exclude=["fc3"], pin={}, groups=[["fc1", "fc2"]]
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        plan = space.suggest(study.ask())
+        assert "fc3" not in plan.layers
+        assert plan.layers["fc1"] == plan.layers["fc2"]
+        lp = plan.layers["fc1"]
+        assert 0.1 <= lp.sparsity <= 0.9 and lp.bits in (2, 4, 8)
+        assert 0.2 <= lp.rank_ratio <= 0.8 and 0.5 <= plan.width <= 1.0
+
+
+def test_pinned_layer_is_fixed() -> None:
+    space = CompressionSpace.from_model(DigitsMLP(), pin={"fc3": {"bits": 8}})
+    plan = space.suggest(optuna.create_study().ask())
+    assert plan.layers["fc3"] == LayerPlan(bits=8)
+    assert space.uniform(bits=4).layers["fc3"].bits == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"exclude": ["fc9"]}, {"pin": {"fcx": {"bits": 4}}}, {"groups": [["fc1", "nope"]]}],
+)
+def test_unknown_layer_names_are_refused(kwargs: dict) -> None:
+    with pytest.raises(PlanError, match="unknown layer") as e:
+        CompressionSpace.from_model(DigitsMLP(), **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_knobs_and_unfactorizable_plan() -> None:
+    with pytest.raises(PlanError, match="bits"):
+        Knobs(bits=(3, 12))
+    with pytest.raises(PlanError, match="sparsity"):
+        Knobs(sparsity=(0.0, 1.0))
+    space = CompressionSpace.from_model(Mnist1dTransformer())
+    with pytest.raises(PlanError, match="cannot be factorized"):
+        space.validate(Plan({"blocks.0.attn.out_proj": LayerPlan(rank_ratio=0.5)}))
+
+
+def test_no_compressible_layers() -> None:
+    with pytest.raises(PlanError, match="no compressible layers"):
+        CompressionSpace.from_model(nn.Sequential(nn.ReLU()))
