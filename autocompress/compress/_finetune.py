@@ -58,7 +58,8 @@ def distill(
             out = student(x[idx])
             if task.kind == "classification":
                 kd = F.kl_div(
-                    F.log_softmax(out / t, dim=1), F.softmax(soft[idx] / t, dim=1),
+                    F.log_softmax(out / t, dim=1),
+                    F.softmax(soft[idx] / t, dim=1),
                     reduction="batchmean",
                 ) * (t * t)
                 hard = F.cross_entropy(out, y[idx])

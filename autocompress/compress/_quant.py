@@ -142,7 +142,11 @@ def bake(model: nn.Module) -> nn.Module:
             if isinstance(p, CodebookWeight):
                 table = fp16_exact(p.table())
                 value = table[p.assign] * p.mask
-                rec = QuantRecord(int(round(torch.log2(torch.tensor(len(table))).item())), "codebook", codebook=table)
+                rec = QuantRecord(
+                    int(round(torch.log2(torch.tensor(len(table))).item())),
+                    "codebook",
+                    codebook=table,
+                )
             elif isinstance(p, UniformFakeQuant):
                 scale = uniform_scale(w, p.bits)
                 value = uniform_codes(w, scale, p.bits) * _bshape(scale, w)

@@ -44,6 +44,9 @@ def discover_layers(model: nn.Module) -> tuple[list[LayerInfo], dict[str, str]]:
         >>> [layer.name for layer in layers]
         ['0']
     """
+    from autocompress.compress._lowrank import factorizable_layers
+
+    can_factorize = set(factorizable_layers(model))
     layers: list[LayerInfo] = []
     skipped: dict[str, str] = {}
     mha_children: set[str] = set()
@@ -63,8 +66,8 @@ def discover_layers(model: nn.Module) -> tuple[list[LayerInfo], dict[str, str]]:
             factorizable, note = False, "nn.MultiheadAttention reads out_proj.weight directly"
         elif isinstance(mod, nn.Conv1d | nn.Conv2d) and mod.groups != 1:
             factorizable, note = False, "grouped convolution"
-        elif min(w.shape[0], w[0].numel()) < 2:
-            factorizable, note = False, "too small to factorize"
+        elif name not in can_factorize:
+            factorizable, note = False, "factorizing would not save parameters here"
         layers.append(
             LayerInfo(name, type(mod).__name__, w.numel(), tuple(w.shape), factorizable, note)
         )

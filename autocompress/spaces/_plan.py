@@ -41,11 +41,15 @@ class LayerPlan:
         if not (isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0):
             raise PlanError(f"sparsity={self.sparsity!r} is outside [0, 1): use e.g. 0.9")
         if self.bits not in ALLOWED_BITS:
-            raise PlanError(f"bits={self.bits!r} is not allowed: choose one of {list(ALLOWED_BITS)}")
+            raise PlanError(
+                f"bits={self.bits!r} is not allowed: choose one of {list(ALLOWED_BITS)}"
+            )
         if self.scheme not in SCHEMES:
             raise PlanError(f"scheme={self.scheme!r} is unknown: choose one of {list(SCHEMES)}")
         if not (isinstance(self.rank_ratio, int | float) and 0.0 < self.rank_ratio <= 1.0):
-            raise PlanError(f"rank_ratio={self.rank_ratio!r} is outside (0, 1]: use 1.0 for no factorization")
+            raise PlanError(
+                f"rank_ratio={self.rank_ratio!r} is outside (0, 1]: use 1.0 for no factorization"
+            )
 
     @property
     def is_identity(self) -> bool:
@@ -193,7 +197,8 @@ class Plan:
             bad = set(knobs) - layer_keys
             if bad:
                 raise PlanError(
-                    f"plan layer {name!r} has unknown knobs {sorted(bad)}: allowed are {sorted(layer_keys)}"
+                    f"plan layer {name!r} has unknown knobs {sorted(bad)}: "
+                    f"allowed are {sorted(layer_keys)}"
                 )
             layers[str(name)] = LayerPlan(**knobs)
         ft_raw = d.get("finetune", {})
@@ -202,7 +207,9 @@ class Plan:
         ft_keys = {f.name for f in fields(FinetuneSettings)}
         bad = set(ft_raw) - ft_keys
         if bad:
-            raise PlanError(f"plan finetune has unknown keys {sorted(bad)}: allowed are {sorted(ft_keys)}")
+            raise PlanError(
+                f"plan finetune has unknown keys {sorted(bad)}: allowed are {sorted(ft_keys)}"
+            )
         return cls(layers=layers, width=d.get("width", 1.0), finetune=FinetuneSettings(**ft_raw))
 
     @classmethod
@@ -211,5 +218,7 @@ class Plan:
         try:
             d = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanError(f"plan is not valid JSON ({e.msg} at line {e.lineno}): re-export it") from e
+            raise PlanError(
+                f"plan is not valid JSON ({e.msg} at line {e.lineno}): re-export it"
+            ) from e
         return cls.from_dict(d)

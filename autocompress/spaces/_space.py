@@ -125,7 +125,15 @@ class CompressionSpace:
                         f"layer {n!r} is in two groups or also excluded/pinned: use it once"
                     )
                 seen.add(n)
-        space = cls(layers, knobs or Knobs(), exclude_t, pins, groups_t, finetune or FinetuneSettings(), skipped)
+        space = cls(
+            layers,
+            knobs or Knobs(),
+            exclude_t,
+            pins,
+            groups_t,
+            finetune or FinetuneSettings(),
+            skipped,
+        )
         for n, lp in pins.items():
             space._check_layer_plan(n, lp)
         return space
