@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autocompress.config import load_experiment, parse_experiment
+from autocompress.errors import ConfigError
+
+EXPERIMENTS = sorted(Path(__file__).parent.parent.joinpath("experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiments_validate(path: Path) -> None:
+    from autocompress.config import build
+
+    exp = load_experiment(path)
+    _, space, objective = build(exp, str(path))
+    assert space.layers and objective is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"task": "digits-mlp", "serch": {}}, "serch: unknown key"),
+        ({"task": "digits-mlp", "search": {"sampler": "nsgaa"}}, "search.sampler"),
+        ({"task": "digits-mlp", "search": {"trials": 0}}, "search.trials"),
+        ({"task": "digits-mlp", "search": {"workers": -1}}, "search.workers"),
+        ({"task": "digits-mlp", "space": {"knobs": {"bits": [4, 9]}}}, "space.knobs.bits"),
+        ({"task": "digits-mlp", "space": {"knobs": {"sparsity": [0.9, 0.1]}}}, "lower bound"),
+        ({"search": {}}, "task"),
+        ([1, 2], "mapping"),
+    ],
+)
+def test_bad_experiments_name_the_key(data: object, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        parse_experiment(data, "x.yaml")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"task": "digits-mpl"}, "unknown task"),
+        ({"task": "digits-mlp", "space": {"exclude": ["fc9"]}}, "unknown layer 'fc9'"),
+        ({"task": "digits-mlp", "space": {"pin": {"fc1": {"bits": 9}}}}, "bits"),
+    ],
+)
+def test_build_checks_names_against_the_model(data: dict, match: str) -> None:
+    from autocompress.config import build
+
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=match):
+        build(parse_experiment(data, "x.yaml"), "x.yaml")
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_yaml_syntax_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment(tmp_path / "nope.yaml")
+
+
+def test_overrides() -> None:
+    exp = parse_experiment({"task": "digits-mlp"}).with_overrides(trials=3, run_dir="r")
+    assert exp.search.trials == 3 and exp.run_dir == "r"
+
+
+_keys = st.sampled_from(["task", "run_dir", "space", "search", "objective", "finetune", "oops"])
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=5))
+def test_fuzzed_experiments_fail_cleanly(data: dict) -> None:
+    """Any input either validates or raises a one-line ConfigError, never another exception."""
+    try:
+        parse_experiment(yaml.safe_load(yaml.safe_dump(data)), "fuzz.yaml")
+    except ConfigError as e:
+        assert "\n" not in str(e)
