@@ -94,6 +94,53 @@ class Task:
         if not self.spec:
             self.spec = self.name
 
+    @classmethod
+    def from_module(
+        cls,
+        model: nn.Module,
+        train: TensorDataset | tuple[torch.Tensor, torch.Tensor],
+        val: TensorDataset | tuple[torch.Tensor, torch.Tensor],
+        test: TensorDataset | tuple[torch.Tensor, torch.Tensor],
+        metric: Metric | None = None,
+        *,
+        name: str = "custom",
+        metric_name: str | None = None,
+        kind: str = "classification",
+    ) -> Task:
+        """A task around a user's own trained model and data, with no subclassing.
+
+        Args:
+            model: the trained model (the teacher); it is never modified.
+            train, val, test: ``(inputs, targets)`` tensors or ``TensorDataset``s.
+            metric: ``(outputs, targets) -> float``, higher is better (default: accuracy).
+            kind: ``"classification"`` or ``"regression"`` (decides the fine-tune losses).
+
+        Artifacts of such a task are reloaded with ``load(path, model=architecture)``.
+
+        Example:
+            >>> import torch
+            >>> x, y = torch.randn(30, 4), torch.randint(0, 2, (30,))
+            >>> t = Task.from_module(nn.Linear(4, 2), (x, y), (x, y), (x, y))
+            >>> sorted(t.evaluate(t.teacher(), "val"))
+            ['accuracy']
+        """
+
+        def ds(d: TensorDataset | tuple[torch.Tensor, torch.Tensor]) -> TensorDataset:
+            return d if isinstance(d, TensorDataset) else TensorDataset(*d)
+
+        data = {"train": ds(train), "val": ds(val), "test": ds(test)}
+        arch = copy.deepcopy(model)
+        teacher = copy.deepcopy(model).eval()
+        return cls(
+            name=name,
+            build_model=lambda: copy.deepcopy(arch),
+            load_data=lambda: data,
+            metric=metric or accuracy_metric,
+            metric_name=metric_name or ("accuracy" if metric is None else "score"),
+            kind=kind,
+            teacher_model=teacher,
+        )
+
     # --- data ------------------------------------------------------------------------------
     def data(self, split: str) -> TensorDataset:
         """The ``split`` data set (``train``, ``val`` or ``test``)."""
