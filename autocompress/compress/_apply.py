@@ -15,7 +15,7 @@ from autocompress.compress._quant import attach, bake
 from autocompress.compress._width import shrink_width
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import discover_layers
-from autocompress.spaces._plan import Plan
+from autocompress.spaces._plan import FinetuneSettings, Plan
 from autocompress.tasks._base import Task
 
 

@@ -30,13 +30,13 @@ def write_report(run_dir: str | Path) -> Path:
         Traceback (most recent call last):
         autocompress.errors.AutocompressError: no finished search in 'no/such/run' ...
     """
-    from autocompress.search import SearchResult
-
     run = Path(run_dir)
     if not (run / "trials.csv").is_file():
         raise AutocompressError(
             f"no finished search in {str(run)!r} (trials.csv missing): run `autocompress run` first"
         )
+    from autocompress.search import SearchResult
+
     res = SearchResult.load(run)
     trials, pareto, teacher = res.trials, res.pareto, dict(res.teacher)
     teacher_plot = {k.removeprefix("val_"): v for k, v in teacher.items()}
@@ -82,4 +82,3 @@ def write_report(run_dir: str | Path) -> Path:
     tmp.write_text("\n".join(parts))
     tmp.replace(out)
     return out
-

@@ -1,0 +1,146 @@
+"""Atomic file writes, the manifest, and hash-verified reads of an artifact directory.
+
+``manifest.json`` (compact JSON, sorted keys) holds exactly: ``format``
+(``"autocompress-artifact"``), ``version`` (1), ``task_spec`` (string or null), ``files``
+(``{name: {"bytes": int, "sha256": hex}}`` for the deployment files ``weights.safetensors`` and
+``plan.json``) and ``size_bytes``: the on-disk bytes of those files plus the manifest itself (a
+fixed point: the number is chosen so that the manifest holding it makes the sum true).
+``metrics.json`` is informational: neither listed, hashed nor counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any
+
+from autocompress.errors import ArtifactError
+
+FORMAT = "autocompress-artifact"
+VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+PLAN = "plan.json"
+METRICS = "metrics.json"
+DEPLOY_FILES = (WEIGHTS, PLAN)
+_KEYS = {"format", "version", "task_spec", "files", "size_bytes"}
+_MAX_MANIFEST = 1 << 20
+_MAX_FILE = {WEIGHTS: 1 << 36, PLAN: 16 << 20}
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+def tmp_name(path: Path) -> Path:
+    """A unique hidden temporary sibling of ``path`` (same directory, so renames are atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry to disk (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def manifest_bytes(files: dict[str, bytes], task_spec: str | None) -> bytes:
+    """The manifest for deployment ``files`` (name -> content), ``size_bytes`` included."""
+    listing = {n: {"bytes": len(b), "sha256": sha256(b)} for n, b in sorted(files.items())}
+    base = sum(len(b) for b in files.values())
+    size, text = base, b""
+    for _ in range(8):  # size = base + len(manifest(size)); monotone, converges in <= 3 steps
+        doc = {"files": listing, "format": FORMAT, "size_bytes": size, "task_spec": task_spec}
+        doc["version"] = VERSION
+        text = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+        if base + len(text) == size:
+            break
+        size = base + len(text)
+    return text
+
+
+def _bad(path: Path, why: str) -> ArtifactError:
+    return ArtifactError(f"artifact {str(path)!r}: {why}: re-export it")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The validated manifest of artifact directory ``path`` (files are not read here)."""
+    if not path.is_dir():
+        raise ArtifactError(f"no artifact directory at {str(path)!r}: export one with export()")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise _bad(path, "manifest.json is missing (export unfinished or interrupted)")
+    if mpath.stat().st_size > _MAX_MANIFEST:
+        raise _bad(path, "manifest.json is absurdly large")
+    try:
+        m = json.loads(mpath.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"manifest.json is not valid JSON ({e})") from None
+    if not isinstance(m, dict) or set(m) != _KEYS:
+        got = sorted(m) if isinstance(m, dict) else type(m).__name__
+        raise _bad(path, f"manifest.json must hold exactly {sorted(_KEYS)}, got {got}")
+    if m["format"] != FORMAT:
+        raise _bad(path, f"manifest format {m['format']!r} is not {FORMAT!r}")
+    if type(m["version"]) is not int or m["version"] != VERSION:
+        raise ArtifactError(
+            f"artifact {str(path)!r} has format version {m['version']!r}; this autocompress "
+            f"reads version {VERSION}: upgrade autocompress or re-export it"
+        )
+    if m["task_spec"] is not None and not isinstance(m["task_spec"], str):
+        raise _bad(path, "manifest task_spec must be a string or null")
+    files = m["files"]
+    if not isinstance(files, dict) or set(files) != set(DEPLOY_FILES):
+        raise _bad(path, f"manifest must list exactly the files {list(DEPLOY_FILES)}")
+    for name, info in files.items():
+        ok = isinstance(info, dict) and set(info) == {"bytes", "sha256"}
+        ok = ok and type(info["bytes"]) is int and 0 <= info["bytes"] <= _MAX_FILE[name]
+        if not (ok and isinstance(info["sha256"], str) and _SHA.match(info["sha256"])):
+            raise _bad(path, f"manifest entry of {name} must be {{bytes, sha256}} with sane values")
+    total = sum(i["bytes"] for i in files.values()) + mpath.stat().st_size
+    if m["size_bytes"] != total:
+        raise _bad(path, f"manifest size_bytes={m['size_bytes']!r} but the files total {total}")
+    return m
+
+
+def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Manifest and the bytes of every listed file, each checked for size and sha256."""
+    m = read_manifest(path)
+    out: dict[str, bytes] = {}
+    for name, info in m["files"].items():
+        fpath = path / name
+        if not fpath.is_file():
+            raise _bad(path, f"{name} is missing")
+        if fpath.stat().st_size != info["bytes"]:
+            raise _bad(
+                path, f"{name} has {fpath.stat().st_size} bytes, manifest says {info['bytes']}"
+            )
+        data = fpath.read_bytes()
+        if len(data) != info["bytes"] or sha256(data) != info["sha256"]:
+            raise _bad(path, f"{name} fails its sha256 check (corrupt or modified)")
+        out[name] = data
+    return m, out

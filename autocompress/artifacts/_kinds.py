@@ -1,0 +1,193 @@
+"""How one state-dict tensor becomes unsigned integer codes, and back (bit-exact).
+
+Every kind maps the zero value to code 0, so the sparse encodings can skip zeros. Signed zeros
+are stored as +0.0 (they compare equal and give the same outputs).
+
+* ``u{b}``: fp32 with a uniform record (``q * scale[c]``); ``b``-bit codes; aux = the fp16
+  scales, one per dim-0 channel.
+* ``c{b}``: fp32 with a codebook record (``codebook[code]``); ``b``-bit codes; aux = the fp16
+  codebook, ``2**b`` values.
+* ``h16``: fp32 with an fp16 record; 16-bit fp16 patterns.
+* ``f16``: fp32 without record whose values are all fp16-exact; 16-bit fp16 patterns.
+* ``f32``: fp32 without record; 32-bit patterns.
+* a dtype name (``int64``, ``float16``, ``bool``...): any other dtype, its own bit patterns.
+
+Uniform codes are zigzag-mapped integers (``q >= 0 -> 2q``, ``q < 0 -> -2q - 1``), so ``q`` in
+``[-(2**(b-1) - 1), 2**(b-1) - 1]`` fits ``b`` bits and ``q == 0`` is code 0.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from autocompress.compress._meta import QuantRecord
+from autocompress.errors import ArtifactError
+
+RAW_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_QUANT_RE = re.compile(r"^([uc])([1-9]|1[0-6])$")
+
+
+@dataclass
+class Coded:
+    """A tensor as flat unsigned ``codes`` (0 == zero) of ``bits`` bits, plus ``aux`` bytes."""
+
+    kind: str
+    codes: np.ndarray
+    bits: int
+    aux: bytes
+
+
+def kind_bits(kind: str) -> int | None:
+    """Code width of ``kind``, or None for an unknown kind."""
+    m = _QUANT_RE.match(kind)
+    if m:
+        return int(m.group(2))
+    if kind in ("h16", "f16"):
+        return 16
+    if kind == "f32":
+        return 32
+    if kind in RAW_DTYPES:
+        dt = RAW_DTYPES[kind]
+        return 1 if dt == torch.bool else dt.itemsize * 8
+    return None
+
+
+def aux_len(kind: str, shape: tuple[int, ...]) -> int:
+    """Bytes of aux data of ``kind`` for a tensor of ``shape`` (fp16 scales or codebook)."""
+    if kind.startswith("u"):
+        return 2 * (shape[0] if shape else 0)
+    if kind.startswith("c"):
+        return 2 * (1 << int(kind[1:]))
+    return 0
+
+
+def _fp16_bytes(name: str, what: str, t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().float().reshape(-1)
+    half = t.to(torch.float16)
+    if not (torch.isfinite(t).all() and torch.equal(half.float(), t)):
+        raise ArtifactError(
+            f"the {what} of {name!r} is not finite fp16-exact: round it with "
+            "autocompress.compress._meta.fp16_exact before export"
+        )
+    return half.numpy().astype("<f2").tobytes()
+
+
+def _not_baked(name: str, why: str) -> ArtifactError:
+    return ArtifactError(f"{name!r} {why}: export only models baked by autocompress.compress")
+
+
+def _bit_patterns(t: torch.Tensor) -> np.ndarray:
+    """Flat little-endian bit patterns of ``t`` (floats with -0.0 turned into +0.0)."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    if t.is_floating_point():
+        t = t + 0.0
+    if t.dtype == torch.bool:
+        return t.to(torch.uint8).numpy()
+    return t.view(torch.uint8).numpy().view(f"<u{t.element_size()}")
+
+
+def to_codes(name: str, t: torch.Tensor, rec: QuantRecord | None) -> Coded:
+    """Codes of state-dict tensor ``t`` (named ``name``) under its quantization record ``rec``."""
+    if rec is None:
+        if t.dtype != torch.float32:
+            kind = str(t.dtype).removeprefix("torch.")
+            if kind not in RAW_DTYPES:
+                raise ArtifactError(f"{name!r} has unsupported dtype {t.dtype}: cast it to float32")
+            return Coded(kind, _bit_patterns(t), kind_bits(kind) or 0, b"")
+        half = t.detach().to(torch.float16)
+        if torch.equal(half.float(), t.detach()):
+            return Coded("f16", _bit_patterns(half), 16, b"")
+        return Coded("f32", _bit_patterns(t), 32, b"")
+    if t.dtype != torch.float32:
+        raise _not_baked(name, f"has dtype {t.dtype} but a quant record (expected float32)")
+    bits, scheme = rec.bits, rec.scheme
+    if scheme == "fp16":
+        if bits != 16 or not torch.equal(t.detach().half().float(), t.detach()):
+            raise _not_baked(name, "has an fp16 record but values that are not fp16-exact")
+        return Coded("h16", _bit_patterns(t.detach().half()), 16, b"")
+    if scheme == "uniform" and 1 <= bits <= 16 and rec.scale is not None and t.dim() >= 1:
+        return _uniform(name, t, bits, rec.scale)
+    if scheme == "codebook" and 1 <= bits <= 16 and rec.codebook is not None:
+        return _codebook(name, t, bits, rec.codebook)
+    raise _not_baked(name, f"has an unsupported quant record (scheme={scheme!r}, bits={bits})")
+
+
+def _rows(t: torch.Tensor, n0: int) -> torch.Tensor:
+    """``t`` as ``(n0, rest)`` (works for empty tensors too)."""
+    return t.reshape(n0, t.numel() // n0 if n0 else 0)
+
+
+def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor) -> Coded:
+    w = _rows(t.detach().cpu(), t.shape[0])
+    s = scale.detach().cpu().float().reshape(-1)
+    if s.numel() != t.shape[0]:
+        raise _not_baked(name, f"has {s.numel()} scales for {t.shape[0]} output channels")
+    aux = _fp16_bytes(name, "scale", s)
+    s = s[:, None]
+    q = torch.where(s == 0, 0.0, torch.round(w / torch.where(s == 0, 1.0, s)))
+    qmax = (1 << (bits - 1)) - 1
+    if not (torch.equal(q * s, w + 0.0) and (q.abs() <= qmax).all()):
+        raise _not_baked(name, f"holds values that are not q * scale with |q| <= {qmax}")
+    qi = q.to(torch.int64).reshape(-1).numpy()
+    zig = np.where(qi >= 0, 2 * qi, -2 * qi - 1).astype(np.uint32)
+    return Coded(f"u{bits}", zig, bits, aux)
+
+
+def _codebook(name: str, t: torch.Tensor, bits: int, codebook: torch.Tensor) -> Coded:
+    cb_t = codebook.detach().cpu().float().reshape(-1)
+    if cb_t.numel() != 1 << bits or cb_t[0] != 0.0:
+        raise _not_baked(name, f"needs a codebook of {1 << bits} values starting with 0.0")
+    aux = _fp16_bytes(name, "codebook", cb_t)
+    cb = cb_t.numpy()
+    w = t.detach().cpu().reshape(-1).numpy()
+    order = np.argsort(cb, kind="stable")
+    idx = np.clip(np.searchsorted(cb[order], w), 0, cb.size - 1)
+    codes = order[idx].astype(np.uint32)
+    if not np.array_equal(cb[codes], w):
+        raise _not_baked(name, "holds values that are not in its codebook")
+    return Coded(f"c{bits}", codes, bits, aux)
+
+
+def from_codes(
+    kind: str, codes: np.ndarray, aux: bytes, shape: tuple[int, ...]
+) -> tuple[torch.Tensor, QuantRecord | None]:
+    """The tensor (and record) of :func:`to_codes` back from its codes."""
+    bits = kind_bits(kind)
+    if kind.startswith("u"):
+        c = codes.astype(np.int64)
+        if c.size and int(c.max()) > (1 << bits) - 2:
+            raise ArtifactError(f"uniform code {int(c.max())} is out of range for {bits} bits")
+        q = torch.from_numpy(np.where(c % 2 == 0, c // 2, -(c + 1) // 2))
+        scale = torch.from_numpy(np.frombuffer(aux, "<f2").astype(np.float32))
+        w = (_rows(q, shape[0]).float() * scale[:, None]).reshape(shape)
+        return w, QuantRecord(bits=bits, scheme="uniform", scale=scale)
+    if kind.startswith("c"):
+        cb = torch.from_numpy(np.frombuffer(aux, "<f2").astype(np.float32))
+        w = cb[torch.from_numpy(codes.astype(np.int64))].reshape(shape)
+        return w, QuantRecord(bits=bits, scheme="codebook", codebook=cb)
+    if kind in ("h16", "f16"):
+        w = torch.from_numpy(codes.astype("<u2").view("<f2").astype(np.float32)).reshape(shape)
+        return w, (QuantRecord(bits=16, scheme="fp16") if kind == "h16" else None)
+    if kind == "f32":
+        return torch.from_numpy(codes.astype("<u4").view("<f4")).reshape(shape), None
+    dtype = RAW_DTYPES[kind]
+    if dtype == torch.bool:
+        return torch.from_numpy(codes.astype(bool)).reshape(shape), None
+    if codes.size == 0:
+        return torch.empty(shape, dtype=dtype), None
+    raw = bytearray(codes.astype(f"<u{dtype.itemsize}").tobytes())
+    return torch.frombuffer(raw, dtype=dtype).reshape(shape), None

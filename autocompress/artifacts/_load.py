@@ -1,0 +1,115 @@
+"""load: rebuild a model from a verified artifact directory."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autocompress.artifacts._format import decode_state
+from autocompress.artifacts._io import PLAN, WEIGHTS, read_verified
+from autocompress.compress._meta import set_quant_records
+from autocompress.errors import ArtifactError, PlanError
+from autocompress.spaces._plan import Plan
+
+
+def _is_structural(plan: Plan) -> bool:
+    return plan.width != 1.0 or any(lp.rank_ratio != 1.0 for lp in plan.layers.values())
+
+
+def _rebuild(
+    task_spec: str | None,
+    plan: Plan,
+    shapes: dict[str, tuple[int, ...]],
+    model: nn.Module | None,
+    example_input: torch.Tensor | None,
+) -> nn.Module:
+    """The architecture the artifact's tensors belong to (base model + structural plan steps)."""
+    task = None
+    if model is not None:
+        base = copy.deepcopy(model)
+    elif task_spec is None:
+        raise ArtifactError("artifact has no task_spec: pass model=<its uncompressed architecture>")
+    else:
+        from autocompress.tasks import get_task
+
+        task = get_task(task_spec)
+        base = task.build_model()
+    own = {n: tuple(t.shape) for n, t in base.state_dict().items()}
+    if own == shapes or not _is_structural(plan):
+        return base  # already the compressed architecture, or nothing structural to apply
+    if example_input is None:
+        if task is None and task_spec is None:
+            raise ArtifactError("artifact has no task_spec: pass example_input= to load()")
+        if task is None:
+            from autocompress.tasks import get_task
+
+            task = get_task(task_spec)
+        example_input = task.example_input()
+    from autocompress.compress import restructure
+
+    return restructure(base, plan, example_input)
+
+
+def _check_shapes(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = {n: tuple(t.shape) for n, t in net.state_dict().items()}
+    hint = "pass the architecture it was exported from (model= or the right task_spec)"
+    for name in own:
+        if name not in state:
+            raise ArtifactError(f"artifact has no tensor {name!r} of the rebuilt model: {hint}")
+    for name in state:
+        if name not in own:
+            raise ArtifactError(f"artifact tensor {name!r} is not in the rebuilt model: {hint}")
+    for name, t in state.items():
+        if tuple(t.shape) != own[name]:
+            raise ArtifactError(
+                f"tensor {name!r} has shape {list(t.shape)} in the artifact but "
+                f"{list(own[name])} in the rebuilt model: {hint}"
+            )
+
+
+def load(
+    path: str | os.PathLike[str],
+    model: nn.Module | None = None,
+    *,
+    example_input: torch.Tensor | None = None,
+) -> nn.Module:
+    """Rebuild the exported model: same outputs, quant records re-attached, in eval mode.
+
+    Every file is checked (size, sha256, format version, sane shapes) before it is parsed.
+
+    Args:
+        path: the artifact directory.
+        model: the uncompressed architecture (copied, never modified); default: the artifact's
+            task builds it. The compressed model itself is accepted too.
+        example_input: input batch for the structural steps; default: the task's.
+
+    Example:
+        >>> import tempfile
+        >>> from autocompress.artifacts import export
+        >>> from autocompress.spaces._plan import Plan
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> net = torch.nn.Linear(4, 2)
+        >>> art = export(net, Plan(), tmp.name + "/a")
+        >>> torch.equal(load(art.path, model=torch.nn.Linear(4, 2)).weight, net.weight)
+        True
+        >>> tmp.cleanup()
+    """
+    p = Path(path)
+    manifest, data = read_verified(p)
+    try:
+        plan = Plan.from_json(data[PLAN].decode("utf-8"))
+    except (PlanError, UnicodeDecodeError) as e:
+        raise ArtifactError(
+            f"artifact {str(p)!r}: plan.json is invalid ({e}): re-export it"
+        ) from None
+    state, records = decode_state(data[WEIGHTS])
+    shapes = {n: tuple(t.shape) for n, t in state.items()}
+    net = _rebuild(manifest["task_spec"], plan, shapes, model, example_input)
+    _check_shapes(net, state)
+    net.load_state_dict(state, strict=True)
+    set_quant_records(net, records)
+    return net.eval()
