@@ -63,12 +63,13 @@ class SpaceConfig(_Strict):
 
 
 class FinetuneConfig(_Strict):
-    epochs: int = Field(20, ge=0, le=10_000)
+    epochs: int = Field(30, ge=0, le=10_000)
     lr: float = Field(3e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     alpha: float = Field(0.7, ge=0, le=1)
     patience: int = Field(6, ge=1)
     batch_size: int = Field(64, ge=1)
+    ramp: float = Field(0.33, ge=0, le=1)
 
 
 class ObjectiveConfig(_Strict):

@@ -48,11 +48,13 @@ QUICK = [FULL[0], FULL[2], FULL[5], FULL[6], FULL[13]]
 
 
 def encodings(path: Path) -> str:
-    """Which encodings the exporter picked, e.g. ``relidx x3, dense x2``."""
-    info = inspect_artifact(path)
+    """Encodings the exporter picked for the weight tensors, e.g. ``relidx x2, dense x1``."""
+    names = {"d": "dense", "m": "bitmask", "r": "relidx"}
     counts: dict[str, int] = {}
-    for t in info["tensors"].values():
-        counts[t["encoding"]] = counts.get(t["encoding"], 0) + 1
+    for t in inspect_artifact(path)["tensors"]:
+        if t["name"].endswith("weight"):
+            enc = names.get(t["encoding"][0], t["encoding"])
+            counts[enc] = counts.get(enc, 0) + 1
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -10,8 +11,13 @@ from torch import nn
 from autocompress.compress._finetune import distill
 from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import set_quant_records
-from autocompress.compress._prune import plan_masks
-from autocompress.compress._quant import attach, bake
+from autocompress.compress._quant import (
+    attach,
+    bake,
+    convert_codebooks,
+    has_pending_codebooks,
+    set_sparsity,
+)
 from autocompress.compress._width import shrink_width
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import discover_layers
@@ -87,8 +93,31 @@ def apply(
     if student is None:  # width == 1 and no example input: factorize only
         ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
         student = factorize(copy.deepcopy(model), ratios) if ratios else copy.deepcopy(model)
-    masks = plan_masks(student, plan)
-    attach(student, plan, masks)
-    if task is not None and plan.finetune.epochs > 0:
-        distill(student, teacher, task, plan.finetune, seed=seed, deadline=deadline)
+    attach(student, plan)
+    ft = plan.finetune
+    if task is None or ft.epochs == 0:
+        set_sparsity(student, 1.0)
+        return bake(student).eval()
+    # Gradual magnitude pruning over the first part of the fine-tune (or at once if ramp == 0);
+    # codebook layers are then clustered and their centroids fine-tuned (Deep Compression's
+    # prune -> retrain -> share weights).
+    codebooks = has_pending_codebooks(student)
+    epochs = max(1, ft.epochs // 2) if codebooks else ft.epochs
+    sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
+    ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
+    set_sparsity(student, 0.0 if ramp_epochs else 1.0)
+    distill(
+        student,
+        teacher,
+        task,
+        FinetuneSettings(**{**asdict(ft), "epochs": epochs}),
+        seed=seed,
+        deadline=deadline,
+        ramp=(lambda f: set_sparsity(student, f)) if ramp_epochs else None,
+        ramp_epochs=ramp_epochs,
+    )
+    if codebooks:
+        convert_codebooks(student)
+        rest = FinetuneSettings(**{**asdict(ft), "epochs": max(1, ft.epochs - epochs)})
+        distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline)
     return bake(student).eval()

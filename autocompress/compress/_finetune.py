@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -26,6 +27,8 @@ def distill(
     *,
     seed: int = 0,
     deadline: float | None = None,
+    ramp: Callable[[float], None] | None = None,
+    ramp_epochs: int = 0,
 ) -> dict[str, float]:
     """Fine-tune ``student`` in place from ``teacher``'s soft targets and the labels.
 
@@ -33,6 +36,10 @@ def distill(
     ``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)`` for regression. Early
     stopping on the validation metric restores the best epoch. ``deadline`` (a
     ``time.monotonic()`` value) stops training early, keeping the best epoch so far.
+
+    ``ramp(fraction)`` is called before each of the first ``ramp_epochs`` epochs with a cubic
+    schedule reaching 1.0 at the last of them (gradual magnitude pruning); only epochs at the
+    full schedule are eligible as "best", so the result always has the planned sparsity.
 
     Returns ``{"epochs": epochs run, "val": best val metric}``.
     """
@@ -47,10 +54,17 @@ def distill(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
-    best = task.evaluate(student, "val")[task.metric_name]
-    best_state, bad, epochs = copy.deepcopy(student.state_dict()), 0, 0
+    ramp_epochs = min(ramp_epochs, s.epochs) if ramp is not None else 0
+    if ramp_epochs:
+        best, best_state = -math.inf, None
+    else:
+        best = task.evaluate(student, "val")[task.metric_name]
+        best_state = copy.deepcopy(student.state_dict())
+    bad, epochs = 0, 0
     t = s.temperature
-    for _ in range(s.epochs):
+    for epoch in range(s.epochs):
+        if epoch < ramp_epochs:
+            ramp(1.0 - (1.0 - (epoch + 1) / ramp_epochs) ** 3)
         student.train()
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), s.batch_size):
@@ -73,13 +87,22 @@ def distill(
             opt.step()
         sched.step()
         epochs += 1
+        out_of_time = deadline is not None and time.monotonic() > deadline
+        if epoch < ramp_epochs - 1:
+            if out_of_time:
+                break
+            continue
         score = task.evaluate(student, "val")[task.metric_name]
         if score > best:
             best, best_state, bad = score, copy.deepcopy(student.state_dict()), 0
         else:
             bad += 1
-        if bad >= s.patience or (deadline is not None and time.monotonic() > deadline):
+        if bad >= s.patience or out_of_time:
             break
-    student.load_state_dict(best_state)
+    if best_state is None:  # stopped by the deadline before the schedule ended
+        ramp(1.0)
+        best = task.evaluate(student, "val")[task.metric_name]
+    else:
+        student.load_state_dict(best_state)
     student.eval()
     return {"epochs": float(epochs), "val": float(best)}

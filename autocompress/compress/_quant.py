@@ -55,11 +55,12 @@ def kmeans_codebook(values: torch.Tensor, k: int, iters: int = 25) -> torch.Tens
 
 
 class MaskWeight(nn.Module):
-    """Keeps pruned entries at zero (fp32 layers)."""
+    """Keeps pruned entries at zero (fp32 layers). ``target`` is the layer's final sparsity."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, target: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("mask", mask)
+        self.target = target
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask
@@ -76,8 +77,8 @@ class Fp16Weight(MaskWeight):
 class UniformFakeQuant(MaskWeight):
     """Mask, then symmetric per-channel fake quantization with a straight-through gradient."""
 
-    def __init__(self, mask: torch.Tensor, bits: int) -> None:
-        super().__init__(mask)
+    def __init__(self, mask: torch.Tensor, target: float, bits: int) -> None:
+        super().__init__(mask, target)
         self.bits = bits
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -88,11 +89,37 @@ class UniformFakeQuant(MaskWeight):
         return q * s
 
 
+class PendingCodebook(MaskWeight):
+    """A codebook layer before clustering: trained as a pruned fp32 layer first (Deep
+    Compression prunes and retrains, then clusters), converted by :func:`convert_codebooks`."""
+
+    def __init__(self, mask: torch.Tensor, target: float, bits: int) -> None:
+        super().__init__(mask, target)
+        self.bits = bits
+
+
+class _Gather(torch.autograd.Function):
+    """``table[assign]`` whose backward sums gradients per centroid with ``index_add_``
+    (much faster on CPU than the generic indexing backward)."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(assign)
+        ctx.k = table.numel()
+        return table[assign]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (assign,) = ctx.saved_tensors
+        g = torch.zeros(ctx.k, dtype=grad.dtype).index_add_(0, assign.flatten(), grad.flatten())
+        return g, None
+
+
 class CodebookWeight(MaskWeight):
     """Shared weights: ``codebook[assign]`` with trainable centroids (code 0 is fixed at 0)."""
 
     def __init__(self, mask: torch.Tensor, w: torch.Tensor, bits: int) -> None:
-        super().__init__(mask)
+        super().__init__(mask, 0.0)
         nz = w.detach()[mask.bool()]
         k = 2**bits - 1
         cents = kmeans_codebook(nz, k) if nz.numel() else torch.zeros(k)
@@ -104,34 +131,81 @@ class CodebookWeight(MaskWeight):
         return torch.cat([torch.zeros(1), self.centroids])
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.table()[self.assign] * self.mask
+        return _Gather.apply(self.table(), self.assign) * self.mask
 
 
-def _parametrization(lp: LayerPlan, w: torch.Tensor, mask: torch.Tensor) -> MaskWeight | None:
+def _parametrization(lp: LayerPlan, mask: torch.Tensor) -> MaskWeight | None:
     if lp.bits == 32:
-        return MaskWeight(mask) if lp.sparsity > 0 else None
+        return MaskWeight(mask, lp.sparsity) if lp.sparsity > 0 else None
     if lp.bits == 16:
-        return Fp16Weight(mask)
+        return Fp16Weight(mask, lp.sparsity)
     if lp.scheme == "codebook":
-        return CodebookWeight(mask, w, lp.bits)
-    return UniformFakeQuant(mask, lp.bits)
+        return PendingCodebook(mask, lp.sparsity, lp.bits)
+    return UniformFakeQuant(mask, lp.sparsity, lp.bits)
 
 
-def attach(model: nn.Module, plan: Plan, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Register mask/fake-quant parametrizations on ``model`` in place, per the plan."""
+def _parametrized(model: nn.Module) -> list[tuple[str, nn.Module, MaskWeight]]:
+    return [
+        (fqn, mod, mod.parametrizations.weight[0])
+        for fqn, mod in model.named_modules()
+        if parametrize.is_parametrized(mod, "weight")
+    ]
+
+
+def attach(model: nn.Module, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Register mask/fake-quant parametrizations on ``model`` in place, per the plan.
+
+    ``masks`` (module fqn -> 0/1 tensor) fixes the initial masks; by default every layer starts
+    dense and :func:`set_sparsity` prunes it (gradually during fine-tune, or at once).
+    """
+    masks = masks or {}
     for name, lp in plan.layers.items():
         for fqn, mod in layer_modules(model, name):
             mask = masks.get(fqn, torch.ones_like(mod.weight)).detach()
             with torch.no_grad():
                 mod.weight.mul_(mask)
-            p = _parametrization(lp, mod.weight, mask)
+            p = _parametrization(lp, mask)
             if p is not None:
                 parametrize.register_parametrization(mod, "weight", p)
     return model
 
 
+def set_sparsity(model: nn.Module, fraction: float = 1.0) -> None:
+    """Re-derive every prunable layer's magnitude mask at ``fraction`` of its target sparsity.
+
+    Used for gradual magnitude pruning (Zhu & Gupta, 2017); ``fraction=1`` reaches each layer's
+    exact planned sparsity. Codebook layers already clustered keep their masks.
+    """
+    from autocompress.compress._prune import magnitude_mask
+
+    for _, mod, p in _parametrized(model):
+        if isinstance(p, CodebookWeight) or p.target <= 0:
+            continue
+        w = mod.parametrizations.weight.original
+        p.mask.copy_(magnitude_mask(w, p.target * fraction))
+
+
+def has_pending_codebooks(model: nn.Module) -> bool:
+    """Whether some codebook layer has not been clustered yet."""
+    return any(isinstance(p, PendingCodebook) for _, _, p in _parametrized(model))
+
+
+def convert_codebooks(model: nn.Module) -> None:
+    """Cluster every pending codebook layer's (masked) weights into its codebook, in place."""
+    for _, mod, p in _parametrized(model):
+        if not isinstance(p, PendingCodebook):
+            continue
+        with torch.no_grad():
+            w = mod.parametrizations.weight.original.detach() * p.mask
+        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        with torch.no_grad():
+            mod.weight.copy_(w)
+        parametrize.register_parametrization(mod, "weight", CodebookWeight(p.mask, w, p.bits))
+
+
 def bake(model: nn.Module) -> nn.Module:
     """Replace every parametrization by the exact stored values and attach quant records."""
+    convert_codebooks(model)
     records = dict(quant_records(model))
     for fqn, mod in list(model.named_modules()):
         if not parametrize.is_parametrized(mod, "weight"):
@@ -142,11 +216,8 @@ def bake(model: nn.Module) -> nn.Module:
             if isinstance(p, CodebookWeight):
                 table = fp16_exact(p.table())
                 value = table[p.assign] * p.mask
-                rec = QuantRecord(
-                    int(round(torch.log2(torch.tensor(len(table))).item())),
-                    "codebook",
-                    codebook=table,
-                )
+                bits = (len(table) - 1).bit_length()  # len(table) == 2**bits
+                rec = QuantRecord(bits, "codebook", codebook=table)
             elif isinstance(p, UniformFakeQuant):
                 scale = uniform_scale(w, p.bits)
                 value = uniform_codes(w, scale, p.bits) * _bshape(scale, w)

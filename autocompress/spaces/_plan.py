@@ -68,14 +68,17 @@ class FinetuneSettings:
         alpha: weight of the distillation loss (1 - alpha weights the label loss).
         patience: early-stopping patience in epochs, measured on the validation split.
         batch_size: mini-batch size.
+        ramp: fraction of the epochs over which sparsity grows gradually to its target (cubic
+            schedule, Zhu & Gupta 2017); 0 prunes at once before fine-tuning.
     """
 
-    epochs: int = 20
+    epochs: int = 30
     lr: float = 3e-3
     temperature: float = 4.0
     alpha: float = 0.7
     patience: int = 6
     batch_size: int = 64
+    ramp: float = 0.33
 
     def __post_init__(self) -> None:
         if not (isinstance(self.epochs, int) and 0 <= self.epochs <= 10_000):
@@ -88,6 +91,8 @@ class FinetuneSettings:
             raise PlanError(f"finetune.alpha={self.alpha!r} must be in [0, 1]")
         if not (isinstance(self.patience, int) and self.patience >= 1):
             raise PlanError(f"finetune.patience={self.patience!r} must be an integer >= 1")
+        if not 0.0 <= self.ramp <= 1.0:
+            raise PlanError(f"finetune.ramp={self.ramp!r} must be in [0, 1]")
         if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
             raise PlanError(f"finetune.batch_size={self.batch_size!r} must be an integer >= 1")
 
