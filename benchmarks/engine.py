@@ -117,7 +117,9 @@ def main() -> None:
         "Uniform plans (the same knobs on every layer) with the default distillation fine-tune "
         "(20 epochs max, early stopping on val). `ratio` = fp32 teacher artifact bytes / "
         "artifact bytes, both counting every file a deployment needs (weights.safetensors, "
-        "plan.json, manifest.json). Accuracy is on the held-out test split.\n\n" + table(res, cols)
+        "plan.json, manifest.json). Accuracy is on the held-out test split. `apply s` is the "
+        "wall time of compress + fine-tune (noisy: other jobs may share the cores).\n\n"
+        + table(res, cols)
     )
     if not args.no_write:
         cmd = "python benchmarks/engine.py" + (" --quick" if args.quick else "")
