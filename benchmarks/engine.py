@@ -22,7 +22,7 @@ from _md import table, write_section  # noqa: E402
 
 from autocompress.artifacts import export, inspect_artifact  # noqa: E402
 from autocompress.compress import apply  # noqa: E402
-from autocompress.spaces import CompressionSpace, Plan  # noqa: E402
+from autocompress.spaces import CompressionSpace, FinetuneSettings, Plan  # noqa: E402
 from autocompress.tasks import get_task  # noqa: E402
 
 # (sparsity, bits, scheme, rank_ratio, width)
@@ -115,7 +115,8 @@ def main() -> None:
     cols = list(res[-1].keys())
     body = (
         "Uniform plans (the same knobs on every layer) with the default distillation fine-tune "
-        "(20 epochs max, early stopping on val). `ratio` = fp32 teacher artifact bytes / "
+        f"({FinetuneSettings().epochs} epochs max, early stopping on val). "
+        "`ratio` = fp32 teacher artifact bytes / "
         "artifact bytes, both counting every file a deployment needs (weights.safetensors, "
         "plan.json, manifest.json). Accuracy is on the held-out test split. `apply s` is the "
         "wall time of compress + fine-tune (noisy: other jobs may share the cores).\n\n"
