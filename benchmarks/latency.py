@@ -7,7 +7,7 @@ median of repeats; spread = interquartile range of the per-round values):
 2. The teacher's deployment form (ONNX Runtime) vs eager PyTorch, batch 1 and 256.
 3. int8 vs fp32 in ONNX Runtime on Linear-heavy models (digits-mlp, a wide MLP).
 
-    python benchmarks/latency.py            # ~2 minutes on 2 cores
+    python benchmarks/latency.py            # ~30 s on 2 cores (idle machine)
     python benchmarks/latency.py --quick    # fewer repeats, no fine-tune
 """
 
@@ -194,6 +194,12 @@ def metric_cost(settings: dict) -> str:
     return line
 
 
+def load_average() -> float:
+    """The 1-minute load average (how busy the shared machine was), 0.0 where unknown."""
+    path = Path("/proc/loadavg")
+    return float(path.read_text().split()[0]) if path.exists() else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, no fine-tune")
@@ -202,16 +208,18 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # measurements are single-threaded; so is the fine-tune here
     repeats, epochs = (10, 0) if args.quick else (150, 3)
-    load_before = (
-        Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-    )
+    load_before = load_average()
     settings = {"warmup": 5, "repeats": repeats, "threads": 1}
     q1 = width_speedups(settings, epochs)
     q2 = runtime_comparison(settings)
     q3 = int8_vs_fp32(settings, epochs)
     cost = metric_cost({})
-    load_after = (
-        Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+    load_after = load_average()
+    busy = (
+        "other processes competed for the CPU (CVs above ~0.1 show it); paired per-round ratios "
+        "are the robust numbers."
+        if max(load_before, load_after) > 1.0
+        else "the machine was otherwise idle."
     )
     body = "\n".join(
         [
@@ -220,10 +228,8 @@ def main() -> None:
             "1 intra-op thread, measured interleaved (round robin) in one process after warm-up: "
             f"median of {repeats} rounds ± half the interquartile range; speedups are the median "
             "of per-round ratios (± half their IQR); CV = standard deviation / mean over rounds. "
-            "The machine is shared: the 1-minute load average was "
-            f"{load_before} at the start and {load_after} at the end (2 cores), so other processes "
-            "competed for the CPU; CVs above ~0.1 show it. Paired per-round ratios are the robust "
-            "number here.",
+            f"1-minute load average {load_before:.2f} at the start, {load_after:.2f} at the end "
+            f"(2 cores): {busy}",
             "",
             "### Width 0.5 vs the teacher (deployment form: ONNX Runtime fp32)",
             "",

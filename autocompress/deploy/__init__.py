@@ -1,0 +1,44 @@
+"""Deployment form and measured cost: ONNX export (fp32 or int8), ONNX Runtime, latency, MACs.
+
+* :func:`to_onnx` writes the deployment form of a (compressed) model; :func:`load_onnx` /
+  :class:`OnnxModel` run it with ONNX Runtime behind a torch-like call.
+* :func:`measure_latency` times callables interleaved (round robin) and reports median, IQR and
+  coefficient of variation; :func:`latency_and_speedup` times a model against its dense teacher
+  in the same process and runtime.
+* :func:`macs` and :func:`bitops` are the analytic costs.
+
+Example:
+    >>> import tempfile, torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> om = load_onnx(to_onnx(net, torch.randn(4, 8), tempfile.mkdtemp() + "/net.onnx"))
+    >>> x = torch.randn(3, 8)
+    >>> bool(torch.allclose(om(x), net(x), atol=1e-5)), macs(net, x)
+    (True, 480)
+"""
+
+from __future__ import annotations
+
+from autocompress.deploy._export import export_fp32
+from autocompress.deploy._latency import LatencyStats, measure_latency, paired_ratio
+from autocompress.deploy._macs import Product, bitops, macs, products
+from autocompress.deploy._onnx import deploy_forms, tile_batch, to_onnx
+from autocompress.deploy._runtime import OnnxModel, load_onnx
+from autocompress.deploy._speedup import latency_and_speedup, teacher_onnx
+
+__all__ = [
+    "LatencyStats",
+    "OnnxModel",
+    "Product",
+    "bitops",
+    "deploy_forms",
+    "export_fp32",
+    "latency_and_speedup",
+    "load_onnx",
+    "macs",
+    "measure_latency",
+    "paired_ratio",
+    "products",
+    "teacher_onnx",
+    "tile_batch",
+    "to_onnx",
+]

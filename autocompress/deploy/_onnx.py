@@ -1,0 +1,157 @@
+"""``to_onnx``: the deployment form of a compressed model, fp32 or int8, whichever runs faster."""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from autocompress.deploy._export import export_fp32
+from autocompress.deploy._int8 import int8_form
+from autocompress.deploy._latency import measure_latency
+from autocompress.deploy._runtime import OnnxModel
+from autocompress.errors import AutocompressError
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+INT8_CHOICES = ("auto", True, False)
+# An int8 form must beat fp32 by this factor to be chosen: on a tie, keep the exact fp32 form.
+_MARGIN = 0.95
+
+
+def tile_batch(example: Inputs, batch: int) -> Inputs:
+    """A batch of ``batch`` rows made by repeating the rows of ``example`` (each, for a tuple).
+
+    Example:
+        >>> tile_batch(torch.arange(3.0).reshape(3, 1), 5).flatten().tolist()
+        [0.0, 1.0, 2.0, 0.0, 1.0]
+    """
+    if not (isinstance(batch, int) and batch >= 1):
+        raise AutocompressError(f"batch size {batch!r} must be an integer >= 1")
+    if isinstance(example, tuple):
+        return tuple(tile_batch(e, batch) for e in example)
+    reps = math.ceil(batch / len(example))
+    return example.detach().cpu().repeat(reps, *([1] * (example.dim() - 1)))[:batch].contiguous()
+
+
+def as_numpy(x: Inputs) -> np.ndarray | tuple[np.ndarray, ...]:
+    """``x`` (a tensor or a tuple of them) as numpy array(s)."""
+    return tuple(t.numpy() for t in x) if isinstance(x, tuple) else x.numpy()
+
+
+def runner(model: OnnxModel):
+    """``fn(inputs)`` calling ``model.run_numpy`` with one array or a tuple of arrays."""
+    run = model.run_numpy
+    return lambda x: run(*x) if isinstance(x, tuple) else run(x)
+
+
+def deploy_forms(model: nn.Module, example_input: Inputs, int8: bool = True) -> dict[str, bytes]:
+    """Serialized ONNX forms of ``model``: ``fp32`` always, ``int8`` if asked for and it applies
+    (some Linear-type layer has uniform <= 8-bit weights).
+
+    Example:
+        >>> sorted(deploy_forms(nn.Linear(4, 3), torch.randn(2, 4)))
+        ['fp32']
+    """
+    fp32 = export_fp32(model, example_input)
+    out = {"fp32": fp32.SerializeToString()}
+    q = int8_form(fp32, model) if int8 else None
+    if q is not None:
+        out["int8"] = q.SerializeToString()
+    return out
+
+
+def fastest_form(
+    forms: Mapping[str, bytes | OnnxModel],
+    inputs: np.ndarray | tuple[np.ndarray, ...],
+    threads: int = 1,
+    repeats: int = 7,
+) -> str:
+    """The name of the fastest form on ``inputs`` (fp32 unless an int8 form is >5% faster).
+
+    ``forms`` maps names to serialized ONNX or open :class:`OnnxModel` sessions.
+    """
+    if len(forms) == 1:
+        return next(iter(forms))
+    runners = {
+        k: runner(f if isinstance(f, OnnxModel) else OnnxModel(f, threads=threads))
+        for k, f in forms.items()
+    }
+    stats = measure_latency(runners, inputs, warmup=2, repeats=repeats, threads=threads)
+    best = min(stats, key=lambda k: stats[k].median_ms)
+    if best != "fp32" and stats[best].median_ms > _MARGIN * stats["fp32"].median_ms:
+        return "fp32"
+    return best
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, fsync and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def to_onnx(
+    model: nn.Module,
+    example_input: Inputs,
+    path: str | Path,
+    *,
+    int8: str | bool = "auto",
+    batch_size: int = 256,
+    threads: int = 1,
+) -> Path:
+    """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
+
+    The model is exported as is: a width-shrunk or factorized model has really smaller layers;
+    pruned weights stay dense (zeros). Linear-type layers quantized to <= 8 bits (uniform scheme,
+    per ``quant_records``) can run as int8 through ONNX Runtime dynamic quantization (their exact
+    per-channel codes as int8 weights, uint8 activations quantized at run time); other layers,
+    convolutions included, stay fp32.
+
+    Args:
+        model: the (compressed) torch model; it is not modified.
+        example_input: a batch of real inputs (any batch size; used for tracing and timing).
+        path: the ``.onnx`` file to write (atomically: temporary file, then rename).
+        int8: ``"auto"`` writes the int8 form if it runs >5% faster than fp32 at ``batch_size``
+            with ``threads`` threads, else fp32; ``True`` the int8 form (fp32 when it does not
+            apply); ``False`` always fp32.
+        batch_size: the batch size ``"auto"`` optimizes for.
+        threads: ONNX Runtime threads ``"auto"`` times with.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
+        (``OnnxModel(path).form``).
+
+    Example:
+        >>> import tempfile
+        >>> from autocompress.deploy import load_onnx
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> p = to_onnx(net, torch.randn(3, 4), tempfile.mkdtemp() + "/net.onnx")
+        >>> p.name, load_onnx(p)(torch.randn(37, 4)).shape
+        ('net.onnx', torch.Size([37, 2]))
+    """
+    if int8 not in INT8_CHOICES or (isinstance(int8, str) and int8 != "auto"):
+        raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise AutocompressError(f"directory {str(path.parent)!r} does not exist: create it first")
+    forms = deploy_forms(model, example_input, int8=bool(int8))
+    if int8 == "auto":
+        x = as_numpy(tile_batch(example_input, batch_size))
+        form = fastest_form(forms, x, threads=threads)
+    else:
+        form = "int8" if int8 and "int8" in forms else "fp32"
+    write_atomic(path, forms[form])
+    return path

@@ -1,0 +1,145 @@
+"""``OnnxModel``: an ONNX file run by ONNX Runtime behind a torch-like call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from autocompress.deploy._export import FORM_KEY
+from autocompress.errors import ArtifactError, AutocompressError
+
+_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(bool)": np.bool_,
+}
+CPU = ("CPUExecutionProvider",)
+
+
+def session_options(threads: int):
+    """ONNX Runtime options with intra- and inter-op threads pinned and sequential execution."""
+    import onnxruntime as ort
+
+    if not (isinstance(threads, int) and threads >= 1):
+        raise AutocompressError(f"threads={threads!r} must be an integer >= 1")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return opts
+
+
+class OnnxModel:
+    """A callable ``input -> torch.Tensor`` backed by an ``onnxruntime.InferenceSession``.
+
+    Accepts numpy arrays or torch tensors (one per graph input); returns a torch tensor (a tuple
+    for several outputs). It has ``eval()``/``training`` so ``Task.evaluate`` can score it like an
+    ``nn.Module``; it cannot be trained.
+
+    Args:
+        model: path of an ``.onnx`` file, or its bytes.
+        threads: ``intra_op_num_threads`` (``inter_op_num_threads`` is 1); 1 gives the most
+            repeatable latency.
+        providers: ONNX Runtime execution providers, CPU by default. GPU users (with the
+            ``onnxruntime-gpu`` package) pass ``("CUDAExecutionProvider", "CPUExecutionProvider")``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from autocompress.deploy import to_onnx
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        >>> path = to_onnx(net, torch.randn(2, 4), tempfile.mkdtemp() + "/m.onnx")
+        >>> om = OnnxModel(path)
+        >>> om(torch.ones(5, 4)).shape, om.form
+        (torch.Size([5, 3]), 'fp32')
+    """
+
+    training = False
+
+    def __init__(
+        self,
+        model: str | Path | bytes,
+        *,
+        threads: int = 1,
+        providers: Sequence[str] = CPU,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = None if isinstance(model, bytes) else Path(model)
+        self.threads = threads
+        if self.path is not None and not self.path.is_file():
+            raise ArtifactError(f"no ONNX file at {str(self.path)!r}: export one with to_onnx()")
+        src = model if isinstance(model, bytes) else str(self.path)
+        opts = session_options(threads)
+        try:
+            self.session = ort.InferenceSession(src, opts, providers=list(providers))
+        except Exception as e:  # noqa: BLE001 - ORT raises several private exception types
+            where = "ONNX bytes" if self.path is None else repr(str(self.path))
+            msg = " ".join(str(e).split())[:200]
+            raise ArtifactError(
+                f"{where} is not a loadable ONNX model ({type(e).__name__}: {msg}): "
+                "re-export it with to_onnx()"
+            ) from None
+        self.inputs = [(i.name, _DTYPES.get(i.type)) for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.form = meta.get(FORM_KEY, "unknown")
+
+    def _feed(self, xs: tuple) -> dict[str, np.ndarray]:
+        if len(xs) != len(self.inputs):
+            raise AutocompressError(
+                f"the ONNX model takes {len(self.inputs)} input(s), got {len(xs)}: pass one "
+                "array or tensor per graph input"
+            )
+        feed = {}
+        for (name, dtype), x in zip(self.inputs, xs, strict=True):
+            a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+            if dtype is not None and a.dtype != dtype:
+                a = a.astype(dtype)
+            feed[name] = np.ascontiguousarray(a)
+        return feed
+
+    def run_numpy(self, *xs: np.ndarray) -> list[np.ndarray]:
+        """The raw ONNX Runtime outputs for numpy inputs (what latency measurement times)."""
+        return self.session.run(self.output_names, self._feed(xs))
+
+    def __call__(self, *xs: torch.Tensor | np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        outs = [torch.from_numpy(o) for o in self.run_numpy(*xs)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def eval(self) -> OnnxModel:
+        """No-op (an ONNX model is always in inference mode); returns ``self``."""
+        return self
+
+    def train(self, mode: bool = True) -> OnnxModel:
+        """Only ``train(False)`` is allowed: an ONNX deployment model cannot be trained."""
+        if mode:
+            raise AutocompressError(
+                "an OnnxModel cannot be trained: fine-tune the torch model, then export it again"
+            )
+        return self
+
+    def __repr__(self) -> str:
+        src = "bytes" if self.path is None else str(self.path)
+        return f"OnnxModel({src!r}, form={self.form!r}, threads={self.threads})"
+
+
+def load_onnx(path: str | Path, threads: int = 1, providers: Sequence[str] = CPU) -> OnnxModel:
+    """Open an ONNX file written by :func:`to_onnx` for inference with ONNX Runtime.
+
+    Raises :class:`ArtifactError` if the file is missing or is not a valid ONNX model.
+
+    Example:
+        >>> load_onnx("/nonexistent/model.onnx")
+        Traceback (most recent call last):
+        ...
+        autocompress.errors.ArtifactError: no ONNX file at '/nonexistent/model.onnx': ...
+    """
+    return OnnxModel(path, threads=threads, providers=providers)
