@@ -65,6 +65,7 @@ def apply(
     example_input: torch.Tensor | None = None,
     seed: int = 0,
     deadline: float | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Compress ``model`` according to ``plan`` and return a new module (input untouched).
 
@@ -72,7 +73,8 @@ def apply(
     factorization -> magnitude pruning (masks kept) -> k-bit quantization with straight-through
     fake quantization -> distillation fine-tune from ``teacher`` (default: ``model`` itself) on
     ``task``'s data, if ``task`` is given and ``plan.finetune.epochs > 0``. The result's weights
-    are baked to the exact values an artifact stores.
+    are baked to the exact values an artifact stores. ``device="cuda"`` fine-tunes on a GPU
+    (the input model stays where it is); the result is always returned on the CPU.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -93,8 +95,14 @@ def apply(
     if student is None:  # width == 1 and no example input: factorize only
         ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
         student = factorize(copy.deepcopy(model), ratios) if ratios else copy.deepcopy(model)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PlanError("device='cuda' but torch sees no GPU: use device='cpu'")
     attach(student, plan)
     ft = plan.finetune
+    if task is not None and ft.epochs > 0 and device.type != "cpu":
+        student = student.to(device)
+        teacher = copy.deepcopy(teacher).to(device)
     if task is None or ft.epochs == 0:
         set_sparsity(student, 1.0)
         return bake(student).eval()
@@ -120,4 +128,4 @@ def apply(
         convert_codebooks(student)
         rest = FinetuneSettings(**{**asdict(ft), "epochs": max(1, ft.epochs - epochs)})
         distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline)
-    return bake(student).eval()
+    return bake(student.cpu()).eval()

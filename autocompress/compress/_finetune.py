@@ -48,9 +48,10 @@ def distill(
         return {"epochs": 0.0, "val": task.evaluate(student, "val")[task.metric_name]}
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x, y = task.data("train").tensors
+    device = next(student.parameters()).device
+    x, y = (t.to(device) for t in task.data("train").tensors)
     with torch.no_grad():
-        soft = task.predict(teacher, "train")
+        soft = task.predict(teacher, "train").to(device)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
@@ -66,7 +67,7 @@ def distill(
         if epoch < ramp_epochs:
             ramp(1.0 - (1.0 - (epoch + 1) / ramp_epochs) ** 3)
         student.train()
-        perm = torch.randperm(len(x), generator=gen)
+        perm = torch.randperm(len(x), generator=gen).to(device)
         for i in range(0, len(x), s.batch_size):
             idx = perm[i : i + s.batch_size]
             out = student(x[idx])

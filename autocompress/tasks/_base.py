@@ -165,7 +165,9 @@ class Task:
         was_training = model.training
         model.eval()
         x = self.data(split).tensors[0]
-        outs = [model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        param = next(iter(model.parameters()), None) if isinstance(model, nn.Module) else None
+        device = param.device if param is not None else torch.device("cpu")
+        outs = [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
         model.train(was_training)
         return torch.cat(outs)
 

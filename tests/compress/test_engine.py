@@ -120,3 +120,9 @@ def test_apply_refuses_bad_plans_before_training(digits_mlp: Task) -> None:
         apply(digits_mlp.teacher(), Plan.uniform(["fc4"], bits=4), digits_mlp)
     with pytest.raises(PlanError, match="did you mean"):
         apply(digits_mlp.teacher(), Plan.uniform(["fc_1"], bits=4), digits_mlp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error(digits_mlp: Task) -> None:
+    with pytest.raises(PlanError, match="no GPU"):
+        apply(digits_mlp.teacher(), Plan.uniform(LAYERS, bits=8), digits_mlp, device="cuda")
