@@ -77,7 +77,11 @@ def layer_plan_plot(pareto: pd.DataFrame, path: Path) -> Path | None:
                 color="white",
             )
     ax.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(len(pareto)), [str(t) for t in pareto["trial_id"]], fontsize=7)
+    labels = [
+        f"{t} (width {w:.2f})" if "width" in pareto else str(t)
+        for t, w in zip(pareto["trial_id"], pareto.get("width", pareto["trial_id"]), strict=True)
+    ]
+    ax.set_yticks(range(len(pareto)), labels, fontsize=7)
     ax.set_title("front members: bits / sparsity per layer", fontsize=9)
     fig.colorbar(im, ax=ax, label="log2(bits)")
     return _save(fig, path)
