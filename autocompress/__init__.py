@@ -5,9 +5,11 @@ The public API is re-exported here; implementation modules are private and may m
 
 from __future__ import annotations
 
-from autocompress import compress
+from autocompress import compress, search
 from autocompress.artifacts import Artifact, export, inspect_artifact, load
 from autocompress.errors import ArtifactError, AutocompressError, ConfigError, PlanError
+from autocompress.objectives import Constraint, Metric, Objective, register_metric
+from autocompress.search import SearchResult
 from autocompress.spaces import CompressionSpace, FinetuneSettings, Knobs, LayerPlan, Plan
 from autocompress.tasks import Task, TrainSettings, get_task, register_task
 
@@ -19,11 +21,15 @@ __all__ = [
     "AutocompressError",
     "CompressionSpace",
     "ConfigError",
+    "Constraint",
     "FinetuneSettings",
     "Knobs",
     "LayerPlan",
+    "Metric",
+    "Objective",
     "Plan",
     "PlanError",
+    "SearchResult",
     "Task",
     "TrainSettings",
     "compress",
@@ -31,5 +37,7 @@ __all__ = [
     "get_task",
     "inspect_artifact",
     "load",
+    "register_metric",
     "register_task",
+    "search",
 ]

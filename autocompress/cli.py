@@ -156,6 +156,7 @@ def run(
             keep_artifacts=s.keep_artifacts,
             cpus_per_trial=s.cpus_per_trial,
             gpus_per_trial=s.gpus_per_trial,
+            device=s.device,
             max_failures=s.max_failures,
             verbose=verbose,
         )

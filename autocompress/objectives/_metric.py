@@ -1,0 +1,265 @@
+"""Metrics: a name, a direction and a function ``(model, artifact, task) -> float``.
+
+A new metric is one function plus one registry entry::
+
+    @register_metric("macs", "minimize")
+    def macs(model, artifact, task):
+        ...
+
+A metric function may also accept the keyword arguments ``split`` (``"val"`` or ``"test"``, the
+split being evaluated) and ``reference`` (a :class:`Reference` with the teacher's numbers); they
+are passed only to functions that declare them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from autocompress.errors import ConfigError
+
+if TYPE_CHECKING:
+    from autocompress.artifacts import Artifact
+    from autocompress.tasks import Task
+
+DIRECTIONS = ("maximize", "minimize")
+_ALIASES = {"max": "maximize", "min": "minimize", "maximize": "maximize", "minimize": "minimize"}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The teacher's numbers that relative metrics compare against.
+
+    Args:
+        size_bytes: bytes of the teacher's artifact (the denominator of ``compression_ratio``).
+        scores: the teacher's task score (``accuracy``) per split, e.g. ``{"val": 0.97}``.
+    """
+
+    size_bytes: int | None = None
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number to optimize or constrain.
+
+    Args:
+        name: column name in the results (letters, digits, ``_``).
+        direction: ``"maximize"`` or ``"minimize"`` (``"max"``/``"min"`` accepted).
+        fn: ``(model, artifact, task) -> float``; may also take the keywords ``split`` and
+            ``reference`` (see the module docstring).
+
+    Example:
+        >>> m = Metric("nonzero_fc1", "minimize", lambda model, art, task: 3.0)
+        >>> m.direction, m(None, None, None)
+        ('minimize', 3.0)
+    """
+
+    name: str
+    direction: str
+    fn: Callable[..., float] = field(compare=False)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.name, str) and self.name.replace("_", "a").isalnum()):
+            raise ConfigError(
+                f"metric name {self.name!r} must use only letters, digits and '_': rename it"
+            )
+        direction = _ALIASES.get(str(self.direction).lower())
+        if direction is None:
+            raise ConfigError(
+                f"metric {self.name!r}: direction={self.direction!r} is unknown: "
+                "use 'maximize' or 'minimize'"
+            )
+        object.__setattr__(self, "direction", direction)
+        if not callable(self.fn):
+            raise ConfigError(f"metric {self.name!r}: fn must be callable (model, artifact, task)")
+
+    def __call__(
+        self,
+        model: nn.Module,
+        artifact: Artifact,
+        task: Task,
+        *,
+        split: str = "val",
+        reference: Reference | None = None,
+    ) -> float:
+        """Compute the metric, passing ``split``/``reference`` only if ``fn`` declares them."""
+        extra = {}
+        params = _keyword_params(self.fn)
+        if "split" in params:
+            extra["split"] = split
+        if "reference" in params:
+            extra["reference"] = reference
+        return float(self.fn(model, artifact, task, **extra))
+
+    @property
+    def sign(self) -> float:
+        """+1 for maximize, -1 for minimize (``sign * value`` is always 'higher is better')."""
+        return 1.0 if self.direction == "maximize" else -1.0
+
+
+def _keyword_params(fn: Callable[..., Any]) -> set[str]:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return {"split", "reference"}
+    return set(sig.parameters)
+
+
+# --- built-in metrics ----------------------------------------------------------------------
+def _accuracy(model: nn.Module, artifact: Artifact, task: Task, *, split: str = "val") -> float:
+    return task.evaluate(model, split)[task.metric_name]
+
+
+def _size_bytes(model: nn.Module, artifact: Artifact, task: Task) -> float:
+    return float(artifact.size_bytes)
+
+
+_TEACHER_SIZES: dict[str, int] = {}
+
+
+def teacher_size_bytes(task: Task) -> int:
+    """Bytes of the task's teacher exported as an artifact (cached per process)."""
+    key = f"{task.spec}:{task.cache_key()}"
+    if key not in _TEACHER_SIZES:
+        from autocompress.artifacts import export
+
+        with tempfile.TemporaryDirectory() as tmp:
+            art = export(task.teacher(), None, f"{tmp}/teacher", task_spec=task.spec)
+            _TEACHER_SIZES[key] = art.size_bytes
+    return _TEACHER_SIZES[key]
+
+
+def _compression_ratio(
+    model: nn.Module, artifact: Artifact, task: Task, *, reference: Reference | None = None
+) -> float:
+    ref = reference.size_bytes if reference and reference.size_bytes else None
+    return float(ref or teacher_size_bytes(task)) / float(artifact.size_bytes)
+
+
+def _params(model: nn.Module, artifact: Artifact, task: Task) -> float:
+    return float(sum(int(p.count_nonzero()) for p in model.parameters()))
+
+
+_REGISTRY: dict[str, Metric] = {
+    "accuracy": Metric("accuracy", "maximize", _accuracy),
+    "size_bytes": Metric("size_bytes", "minimize", _size_bytes),
+    "compression_ratio": Metric("compression_ratio", "maximize", _compression_ratio),
+    "params": Metric("params", "minimize", _params),
+}
+
+
+def metric_names() -> list[str]:
+    """Names of the registered metrics.
+
+    Example:
+        >>> {"accuracy", "size_bytes", "compression_ratio", "params"} <= set(metric_names())
+        True
+    """
+    return sorted(_REGISTRY)
+
+
+def register_metric(
+    metric: Metric | str, direction: str | None = None, *, overwrite: bool = False
+) -> Any:
+    """Register a metric by name: pass a :class:`Metric`, or use as a decorator.
+
+    Example:
+        >>> @register_metric("doc_zero", "minimize", overwrite=True)
+        ... def doc_zero(model, artifact, task):
+        ...     return 0.0
+        >>> get_metric("doc_zero").direction
+        'minimize'
+    """
+    if isinstance(metric, Metric):
+        if metric.name in _REGISTRY and not overwrite:
+            raise ConfigError(
+                f"metric {metric.name!r} is already registered: pass overwrite=True or rename it"
+            )
+        _REGISTRY[metric.name] = metric
+        return metric
+    if direction is None:
+        raise ConfigError(f"register_metric({metric!r}) needs a direction: 'maximize'/'minimize'")
+    name = metric
+
+    def decorator(fn: Callable[..., float]) -> Callable[..., float]:
+        register_metric(Metric(name, direction, fn), overwrite=overwrite)
+        return fn
+
+    return decorator
+
+
+def get_metric(spec: str | Metric) -> Metric:
+    """A metric by registry name or ``"module:function[:direction]"``.
+
+    The ``module:function`` attribute may be a :class:`Metric`, a zero-argument factory that
+    returns one, or the metric function itself; then the direction comes from the suffix
+    (``"mypkg.metrics:flops:minimize"``) or from a ``direction`` attribute of the function, and
+    the name is the function's name.
+
+    Example:
+        >>> get_metric("size_bytes").direction
+        'minimize'
+        >>> get_metric("autocompress.objectives._metric:_params:minimize").name
+        '_params'
+    """
+    if isinstance(spec, Metric):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigError(f"metric {spec!r} must be a name, 'module:function' or a Metric")
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]
+    if ":" not in spec:
+        raise ConfigError(
+            f"unknown metric {spec!r}: use one of {metric_names()} or 'module:function'"
+        )
+    return _from_module(spec)
+
+
+def _from_module(spec: str) -> Metric:
+    mod_name, _, rest = spec.partition(":")
+    fn_name, _, direction = rest.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(
+            f"metric {spec!r}: cannot import module {mod_name!r} ({e}): check PYTHONPATH"
+        ) from e
+    obj = getattr(mod, fn_name, None)
+    if isinstance(obj, Metric):
+        return obj
+    if not callable(obj):
+        raise ConfigError(f"metric {spec!r}: {mod_name} has no callable {fn_name!r}")
+    sig = inspect.signature(obj)
+    required = [
+        p
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if not required:  # a factory
+        made = obj()
+        if not isinstance(made, Metric):
+            raise ConfigError(
+                f"metric {spec!r}: {fn_name}() returned {type(made).__name__}, expected a Metric"
+            )
+        return made
+    direction = direction or getattr(obj, "direction", "")
+    if not direction:
+        raise ConfigError(
+            f"metric {spec!r}: say its direction, e.g. '{mod_name}:{fn_name}:minimize'"
+        )
+    return Metric(fn_name, direction, obj)
+
+
+def is_finite(value: float) -> bool:
+    """True for a real, finite number."""
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -1,0 +1,233 @@
+"""``run``: validate, train the teacher, start or join Ray, search with Tune + Optuna, finalize."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autocompress.errors import ConfigError
+from autocompress.objectives import Objective, Reference
+from autocompress.search._checks import check_resume, describe_space, prepare_run_dir, validate
+from autocompress.search._ray import (
+    check_resources,
+    fail_stale_optuna_trials,
+    probe,
+    quiet,
+    start_ray,
+)
+from autocompress.search._result import SearchResult
+from autocompress.spaces import CompressionSpace, Plan
+from autocompress.tasks import Task
+
+RUN_VERSION = 1
+log = logging.getLogger(__name__)
+QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "TUNE_GLOBAL_CHECKPOINT_S": "1",
+}
+
+
+def _teacher(task: Task, objective: Objective, run_dir: Path) -> tuple[dict, Reference]:
+    """Export the teacher once to ``run_dir/teacher`` and score it on val and test."""
+    from autocompress.artifacts import Artifact, export
+
+    teacher = task.teacher()
+    for split in ("train", "val", "test"):
+        task.data(split)  # loaded here so the data ship to the workers with the task
+    tdir = run_dir / "teacher"
+    if (tdir / "manifest.json").is_file():
+        art = Artifact.open(tdir)
+    else:
+        art = export(teacher, Plan(), tdir, task_spec=task.spec)
+    ref = Reference(size_bytes=art.size_bytes)
+    scores: dict[str, dict[str, float]] = {}
+    for split in ("val", "test"):
+        try:
+            scores[split] = objective.evaluate(teacher, art, task, split, ref)
+        except Exception:  # a custom metric that cannot score the dense teacher
+            scores[split] = Objective(["accuracy", "size_bytes"]).evaluate(
+                teacher, art, task, split, ref
+            )
+        scores[split]["accuracy_drop"] = 0.0
+    reference = Reference(art.size_bytes, {s: scores[s]["accuracy"] for s in scores})
+    info = {"size_bytes": art.size_bytes, "artifact": "teacher", **scores}
+    return info, reference
+
+
+def run(
+    task: Task,
+    space: CompressionSpace,
+    objective: Objective | None = None,
+    *,
+    trials: int = 50,
+    workers: int = 1,
+    sampler: Any = "nsga2",
+    seed: int = 0,
+    time_budget: float | None = None,
+    trial_timeout: float | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    run_dir: str | os.PathLike[str] = "runs/latest",
+    baselines: Sequence[Plan] | None = None,
+    keep_artifacts: str = "pareto",
+    cpus_per_trial: float = 1.0,
+    gpus_per_trial: float = 0.0,
+    device: str = "cpu",
+    max_failures: int = 0,
+    progress: bool = True,
+    verbose: bool = False,
+) -> SearchResult:
+    """Search compression plans of ``task``'s teacher for the Pareto front of ``objective``.
+
+    Every setting is checked before anything runs. The teacher is trained (or loaded from the
+    cache) here, exported once to ``run_dir/teacher`` (its size is the reference of
+    ``compression_ratio``) and shipped to the workers once through Ray's object store. Ray Tune
+    runs ``trials`` trials, ``workers`` at a time, each sampled by Optuna (``sampler``:
+    ``"nsga2"`` default, ``"tpe"``, ``"gp"``, ``"random"`` or an Optuna sampler) from
+    ``space``; ``baselines`` (default: three uniform plans projected onto the space; ``[]`` for
+    none) run first. Each trial compresses, fine-tunes (stopping at ``trial_timeout`` seconds,
+    FAILED past 1.5x), exports a real artifact and scores it on val. A trial that raises,
+    diverges or yields NaN is recorded FAILED with its reason and never enters the front; an
+    identical plan proposed twice reuses the first result.
+
+    Afterwards the front of feasible trials is re-scored on test from the artifacts on disk,
+    and ``run_dir`` holds ``run.json``, ``trials.csv``, ``pareto.csv``, ``result.json``,
+    ``optuna.db`` (``optuna-dashboard sqlite:///<run_dir>/optuna.db``), ``teacher/`` and
+    ``pareto/<trial_id>/`` (``keep_artifacts``: ``"pareto"``; ``"all"`` also keeps
+    ``trials/``; ``"none"`` keeps no trial artifact).
+
+    ``address`` (``"auto"``, ``"host:port"``, ``"ray://host:port"``) joins a running cluster,
+    whose nodes must all see ``run_dir`` (a shared filesystem); a Ray already initialized in
+    this process is used as is and never shut down. ``resume=True`` continues a killed run in
+    the same ``run_dir`` with the same settings: finished trials are kept, the budget is
+    completed. ``max_failures`` retries trials whose worker crashed. ``device="cuda"`` fine-tunes
+    each candidate on the GPU share Ray assigns to the trial (``gpus_per_trial``).
+
+    Example:
+        >>> from autocompress.tasks import get_task
+        >>> from autocompress.spaces import CompressionSpace, Knobs
+        >>> task = get_task("digits-mlp")
+        >>> space = CompressionSpace.from_model(task.teacher(), Knobs(bits=(2, 4, 8)))
+        >>> result = run(task, space, trials=20, workers=2, run_dir="runs/demo")  # doctest: +SKIP
+        >>> print(result.summary())  # doctest: +SKIP
+    """
+    objective = Objective.default() if objective is None else objective
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is unknown: use 'cpu' or 'cuda'")
+    if device == "cuda" and not gpus_per_trial:
+        raise ConfigError("device='cuda' needs gpus_per_trial > 0 (e.g. 0.25 to share a GPU)")
+    validate(
+        task,
+        space,
+        objective,
+        trials=trials,
+        workers=workers,
+        sampler=sampler,
+        seed=seed,
+        time_budget=time_budget,
+        trial_timeout=trial_timeout,
+        address=address,
+        keep_artifacts=keep_artifacts,
+        cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+        max_failures=max_failures,
+    )
+    from autocompress.search._searcher import baseline_params, default_baselines
+
+    plans = default_baselines(space) if baselines is None else list(baselines)
+    points = baseline_params(space, plans, strict=baselines is not None)[:trials]
+    import ray
+
+    if address is not None and not ray.is_initialized():
+        probe(address)
+    rd = prepare_run_dir(run_dir, resume)
+    settings = {
+        "trials": trials,
+        "workers": workers,
+        "seed": seed,
+        "time_budget": time_budget,
+        "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
+        "trial_timeout": trial_timeout,
+        "address": address,
+        "keep_artifacts": keep_artifacts,
+        "cpus_per_trial": cpus_per_trial,
+        "gpus_per_trial": gpus_per_trial,
+        "device": device,
+        "max_failures": max_failures,
+        "baselines": points,
+    }
+    desc = {
+        "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},
+        "space": describe_space(space),
+        "objective": objective.describe(),
+        "settings": settings,
+    }
+    if resume:
+        check_resume(rd, desc)
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    t0 = time.monotonic()
+    try:
+        teacher, reference = _teacher(task, objective, rd)
+        log.debug("teacher ready in %.1fs", time.monotonic() - t0)
+        if not (rd / "run.json").is_file():
+            run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
+            run_json["teacher"] = teacher
+            text = json.dumps(run_json, indent=2, sort_keys=True, default=str)
+            (rd / "run.json").write_text(text)
+        cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
+        started = False
+        started = start_ray(address, cpus, verbose)
+        check_resources(cpus_per_trial, gpus_per_trial)
+    except BaseException:
+        if started:
+            ray.shutdown()
+        if not resume:  # leave no half-made run behind: the same call can simply be retried
+            for p in rd.iterdir():
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        raise
+    log.debug("ray ready at %.1fs", time.monotonic() - t0)
+    try:
+        from autocompress.search._tune import fit
+
+        tune_trials = fit(
+            task,
+            space,
+            objective,
+            rd,
+            reference,
+            points,
+            sampler,
+            settings,
+            progress,
+            verbose,
+            resume,
+            quiet(verbose),
+        )
+    finally:
+        if started:
+            ray.shutdown()
+    log.debug("search done at %.1fs", time.monotonic() - t0)
+    fail_stale_optuna_trials(rd / "optuna.db")
+    from autocompress.search._finalize import finalize
+
+    settings = {**settings, "run_dir": str(rd)}
+    result = finalize(
+        rd, tune_trials, task, objective, reference, teacher, settings, time.monotonic() - t0
+    )
+    log.debug("finalized at %.1fs", time.monotonic() - t0)
+    if progress and result.message:
+        print(f"autocompress: {result.message}", file=sys.stderr)
+    return result

@@ -1,0 +1,181 @@
+"""The Optuna side of the search: samplers, the define-by-run space, baselines, constraints.
+
+Ray's stock ``OptunaSearch`` never records constraints and leaves a trial RUNNING when its
+objective is missing; :class:`ConstrainedOptunaSearch` (module level, so it pickles for resume)
+fixes both and remembers the plans it has seen, so a plan proposed twice is not recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from autocompress.errors import ConfigError
+from autocompress.search._common import CONSTRAINT_PREFIX, SAMPLERS
+from autocompress.spaces import CompressionSpace, LayerPlan, Plan
+
+log = logging.getLogger(__name__)
+
+
+def make_sampler(name: str, seed: int, trials: int) -> Any:
+    """The Optuna sampler called ``name`` (one of :data:`SAMPLERS`), seeded.
+
+    NSGA-II's population is ``trials // 5`` clamped to [4, 50], so a short run still evolves.
+    """
+    import optuna
+
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(
+            seed=seed, population_size=max(4, min(50, trials // 5))
+        )
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ConfigError(f"sampler={name!r} is unknown: use one of {list(SAMPLERS)}")
+
+
+@dataclass(frozen=True)
+class SpaceFn:
+    """Define-by-run space: samples a Plan and returns it as the constant ``plan_json``."""
+
+    space: CompressionSpace
+
+    def __call__(self, trial: Any) -> dict[str, str]:
+        return {"plan_json": self.space.suggest(trial).to_json()}
+
+
+class _ProjectingTrial:
+    """Answers ``space.suggest``'s questions from a Plan, snapping values onto the space."""
+
+    def __init__(self, plan: Plan, strict: bool) -> None:
+        self.plan, self.strict, self.params = plan, strict, {}
+        self.problems: list[str] = []
+
+    def _value(self, name: str) -> Any:
+        if name == "width":
+            return self.plan.width
+        key, _, knob = name.rpartition(".")
+        return getattr(self.plan.layers.get(key, LayerPlan()), knob)
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
+        want = float(self._value(name))
+        v = min(max(want, low), high)
+        if step:
+            v = round(low + round((v - low) / step) * step, 6)
+            v = min(max(v, low), high)
+        if not math.isclose(v, want, abs_tol=1e-6):
+            self.problems.append(f"{name}={want} is outside the space ({low}..{high} step {step})")
+        self.params[name] = v
+        return v
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
+        return int(round(self.suggest_float(name, low, high, step)))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        want = self._value(name)
+        if want in choices:
+            v = want
+        elif all(isinstance(c, int | float) for c in choices):
+            v = min(choices, key=lambda c: abs(c - want))
+        else:
+            v = choices[0]
+        if v != want:
+            self.problems.append(f"{name}={want!r} is not among {list(choices)}")
+        self.params[name] = v
+        return v
+
+
+def baseline_params(
+    space: CompressionSpace, plans: Sequence[Plan], *, strict: bool
+) -> list[dict[str, Any]]:
+    """Optuna parameter dicts that make ``space.suggest`` return each plan (deduplicated).
+
+    With ``strict``, a plan the space cannot express raises :class:`ConfigError`; otherwise it is
+    projected onto the space (nearest bit-width, sparsity clipped to the range and grid).
+    """
+    out: list[dict[str, Any]] = []
+    for i, plan in enumerate(plans):
+        if not isinstance(plan, Plan):
+            raise ConfigError(f"baselines[{i}] is a {type(plan).__name__}, expected a Plan")
+        t = _ProjectingTrial(plan, strict)
+        got = space.suggest(t)
+        if strict:
+            problems = list(t.problems)
+            if not problems and got.to_dict() != plan.replace(finetune=got.finetune).to_dict():
+                problems.append("its layers differ from the space's (excluded/pinned/grouped)")
+            if problems:
+                raise ConfigError(
+                    f"baselines[{i}] does not lie in the search space: {problems[0]}; "
+                    "build it with space.uniform(...) or widen the knobs"
+                )
+        if t.params not in out:
+            out.append(t.params)
+    return out
+
+
+def default_baselines(space: CompressionSpace) -> list[Plan]:
+    """Sensible uniform plans to evaluate first: 80%/6-bit, 90%/4-bit and dense 8-bit."""
+    return [
+        space.uniform(sparsity=0.8, bits=6),
+        space.uniform(sparsity=0.9, bits=4),
+        space.uniform(sparsity=0.0, bits=8),
+    ]
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that records constraints, marks failed trials FAIL and caches plans.
+
+    * ``on_trial_complete`` calls ``trial.set_constraint("c<i>", value)`` from the reported
+      ``cv_<i>`` keys before ``tell`` (Optuna 5's replacement for ``constraints_func``).
+    * A trial that reports ``status == "FAILED"`` (or raised) is told FAIL, never a NaN value.
+    * ``suggest`` adds ``duplicate_of`` to the config when the sampled plan was already
+      evaluated in this run, so the trial reuses that trial's record instead of recomputing.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._seen_plans: dict[str, str] = {}
+        self._plan_of: dict[str, str] = {}
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        if isinstance(config, dict) and "plan_json" in config:
+            key = config["plan_json"]
+            self._plan_of[trial_id] = key
+            if key in self._seen_plans:
+                config["duplicate_of"] = self._seen_plans[key]
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        return None  # one report per trial: everything happens in on_trial_complete
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict | None = None, error: bool = False
+    ) -> None:
+        ot_trial = self._ot_trials.get(trial_id)
+        failed = error or not result or result.get("status") != "COMPLETE"
+        if ot_trial is not None and not failed:
+            for key in sorted(k for k in result if k.startswith(CONSTRAINT_PREFIX)):
+                value = float(result[key])
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        ot_trial.set_constraint("c" + key[len(CONSTRAINT_PREFIX) :], value)
+                except Exception as e:  # e.g. the trial was already told before a restore
+                    log.debug("set_constraint on %s failed: %s", trial_id, e)
+        plan_key = self._plan_of.get(trial_id)
+        if plan_key is not None and result and result.get("status") in ("COMPLETE", "FAILED"):
+            self._seen_plans.setdefault(plan_key, result.get("duplicate_of") or trial_id)
+        if failed:
+            super().on_trial_complete(trial_id, None, error=True)
+        else:
+            super().on_trial_complete(trial_id, result, error=False)
