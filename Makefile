@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/autocompress run experiments/digits_mlp.yaml --run-dir runs/demo
 
 test: $(STAMP)

@@ -162,7 +162,7 @@ def run(
         )
     except AutocompressError as e:
         _fail(e)
-    out.print(result.summary())
+    print(result.summary())
     try:
         from autocompress.report import write_report
 
