@@ -160,19 +160,31 @@ class Plan:
         return self.width == 1.0 and all(lp.is_identity for lp in self.layers.values())
 
     # --- JSON -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """Versioned plain-data form (``_type`` and ``_version`` keys)."""
-        return {
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """Versioned plain-data form (``_type`` and ``_version`` keys).
+
+        ``compact=True`` leaves out every value equal to its default (``from_dict`` restores
+        them), which artifacts use because they count the bytes of their plan.
+        """
+
+        def strip(d: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in d.items() if not compact or v != defaults[k]}
+
+        lp_default, ft_default = asdict(LayerPlan()), asdict(FinetuneSettings())
+        out: dict[str, Any] = {
             "_type": "Plan",
             "_version": PLAN_VERSION,
             "width": self.width,
-            "finetune": asdict(self.finetune),
-            "layers": {n: asdict(lp) for n, lp in self.layers.items()},
+            "finetune": strip(asdict(self.finetune), ft_default),
+            "layers": {n: strip(asdict(lp), lp_default) for n, lp in self.layers.items()},
         }
+        if compact:
+            out = {k: v for k, v in out.items() if v not in ({}, 1.0) or k == "_version"}
+        return out
 
-    def to_json(self) -> str:
-        """Compact JSON (artifacts count its bytes, so no indentation)."""
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+    def to_json(self, compact: bool = False) -> str:
+        """JSON without whitespace; ``compact=True`` also leaves out default values."""
+        return json.dumps(self.to_dict(compact), separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:

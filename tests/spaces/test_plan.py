@@ -26,6 +26,15 @@ plans = st.builds(
 @given(plans)
 def test_plan_json_round_trip(plan: Plan) -> None:
     assert Plan.from_json(plan.to_json()) == plan
+    assert Plan.from_json(plan.to_json(compact=True)) == plan
+    assert len(plan.to_json(compact=True)) <= len(plan.to_json())
+
+
+def test_compact_json_leaves_out_defaults() -> None:
+    plan = Plan.uniform(["fc1"], sparsity=0.5, bits=4, width=0.5)
+    assert plan.to_json(compact=True) == (
+        '{"_type":"Plan","_version":1,"layers":{"fc1":{"bits":4,"sparsity":0.5}},"width":0.5}'
+    )
 
 
 def test_plan_is_versioned_and_compact() -> None:
