@@ -22,10 +22,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/bench.py
 
 bench-quick: $(STAMP)
-	$(BIN)/python benchmarks/engine.py --quick
+	$(BIN)/python benchmarks/bench.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check autocompress tests benchmarks experiments
