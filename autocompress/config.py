@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+import math
+import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,12 +22,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from autocompress.errors import AutocompressError, ConfigError
 from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES
 
+MAX_FILE_BYTES = 1 << 20
+ADDRESS_PATTERN = r"^(auto|local|ray://[\w.\-]+(:\d+)?|[\w.\-]+:\d+)$"
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 Range = tuple[float, float]
+
+
+def _range(name: str, v: Any, low_open: bool = False) -> Any:
+    """``None`` or ``[low, high]`` of finite numbers within [0, 1] (a clear error otherwise)."""
+    if v is None:
+        return v
+    ok = isinstance(v, list | tuple) and len(v) == 2
+    ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+    ok = ok and all(math.isfinite(x) and (x > 0 if low_open else x >= 0) and x <= 1 for x in v)
+    if not ok:
+        lo = "(0" if low_open else "[0"
+        raise ValueError(f"{name} must be null or [low, high] with numbers in {lo}, 1]")
+    return v
 
 
 class KnobsConfig(_Strict):
@@ -38,6 +57,11 @@ class KnobsConfig(_Strict):
     rank_step: float = Field(0.05, gt=0, le=0.5)
     width: Range | None = None
     width_step: float = Field(0.05, gt=0, le=0.5)
+
+    @field_validator("sparsity", "rank_ratio", "width", mode="before")
+    @classmethod
+    def _ranges(cls, v: Any, info: Any) -> Any:
+        return _range(info.field_name, v, low_open=info.field_name != "sparsity")
 
     @field_validator("bits")
     @classmethod
@@ -73,7 +97,7 @@ class FinetuneConfig(_Strict):
 
 
 class ObjectiveConfig(_Strict):
-    metrics: list[str] = ["accuracy", "size_bytes"]
+    metrics: list[str] = Field(["accuracy", "size_bytes"], min_length=1)
     constraints: list[str] = ["accuracy_drop <= 0.01"]
     weights: dict[str, float] | None = None
 
@@ -82,16 +106,23 @@ class SearchConfig(_Strict):
     sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
     trials: int = Field(50, ge=1, le=1_000_000)
     workers: int = Field(1, ge=1, le=4096)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     time_budget: float | None = Field(None, gt=0, description="seconds for the whole search")
     trial_timeout: float | None = Field(None, gt=0, description="seconds per trial")
     keep_artifacts: Literal["pareto", "all", "none"] = "pareto"
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)
     device: Literal["cpu", "cuda"] = "cpu"
-    max_failures: int = Field(0, ge=0)
+    max_failures: int = Field(0, ge=0, le=1000)
     address: str | None = None
     baselines: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(ADDRESS_PATTERN, v):
+            raise ValueError("use 'auto', 'host:port' or 'ray://host:port' (or leave it unset)")
+        return v
 
 
 class Experiment(_Strict):
@@ -112,16 +143,55 @@ class Experiment(_Strict):
         return parse_experiment({**self.model_dump(), "search": search, "run_dir": run_dir})
 
 
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class holding the key at ``loc`` (for listing the allowed keys)."""
+    cls: Any = Experiment
+    for part in loc[:-1]:
+        if isinstance(cls, type) and issubclass(cls, BaseModel):
+            field = cls.model_fields.get(str(part))
+            if field is None:
+                return None
+            cls = field.annotation
+        else:  # dict[str, Model] or Model | None: look inside
+            args = [a for a in typing.get_args(cls) if a is not type(None)]
+            cls = args[-1] if args else None
+            continue
+        while not (isinstance(cls, type) and issubclass(cls, BaseModel)) and typing.get_args(cls):
+            if typing.get_origin(cls) is dict:
+                break
+            args = [a for a in typing.get_args(cls) if a is not type(None)]
+            cls = args[0]
+    while cls is not None and typing.get_origin(cls) is dict:
+        cls = typing.get_args(cls)[1]
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _format(e: ValidationError, source: str) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    loc = tuple(err["loc"])
+    while loc and isinstance(loc[-1], int) and err["type"] in ("missing", "too_long", "too_short"):
+        loc = loc[:-1]  # "sparsity.1: Field required" means "sparsity needs two numbers"
+    where = ".".join(str(p) for p in loc) or "(top level)"
     given = err.get("input")
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key; check the spelling (see docs/user-guide.md for the allowed keys)"
-    given_s = "" if isinstance(given, dict) else f" (got {given!r})"
+        model = _model_at(loc)
+        allowed = f": allowed keys are {sorted(model.model_fields)}" if model else ""
+        msg = f"unknown key{allowed} (see docs/user-guide.md)"
+    elif err["type"] in ("missing", "too_long", "too_short") and "sparsity" in where + "width":
+        msg = "give [low, high]: two numbers"
+    given_s = (
+        ""
+        if isinstance(given, dict) or err["type"] == "extra_forbidden"
+        else (f" (got {_short(given)})")
+    )
     more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
-    return f"{source}: {loc}: {msg}{given_s}{more}"
+    return f"{source}: {where}: {msg}{given_s}{more}"
 
 
 def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
@@ -142,18 +212,46 @@ def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
     return exp
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice (the second would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_experiment(path: str | Path) -> Experiment:
-    """Read and validate an experiment YAML file."""
+    """Read and validate an experiment YAML file (UTF-8, at most 1 MiB, no duplicate keys)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"experiment file {str(p)!r} not found: check the path")
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise ConfigError(f"{p}: {p.stat().st_size} bytes is too large for an experiment file")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}: fix the syntax") from None
-    return parse_experiment(data, str(p))
+        problem = getattr(e, "problem", None)
+        why = f" ({problem})" if problem and "duplicate" in problem else ""
+        raise ConfigError(f"{p}: not valid YAML{where}{why}: fix the syntax") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be an experiment file") from None
+    try:
+        return parse_experiment(data, str(p))
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be an experiment file") from None
 
 
 def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
@@ -165,8 +263,12 @@ def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
     from autocompress.spaces import CompressionSpace, FinetuneSettings, Knobs, LayerPlan
     from autocompress.tasks import get_task
 
+    section = "task"
     try:
         task = get_task(exp.task)
+        section = "finetune"
+        finetune = FinetuneSettings(**exp.finetune.model_dump())
+        section = "space"
         k = exp.space.knobs
         knobs = Knobs(
             sparsity=k.sparsity,
@@ -184,13 +286,14 @@ def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
             exclude=exp.space.exclude,
             pin={n: LayerPlan(**p.model_dump()) for n, p in exp.space.pin.items()},
             groups=exp.space.groups,
-            finetune=FinetuneSettings(**exp.finetune.model_dump()),
+            finetune=finetune,
         )
+        section = "objective"
         objective = Objective(
             list(exp.objective.metrics),
             list(exp.objective.constraints),
             weights=exp.objective.weights,
         )
     except AutocompressError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {section}: {e}") from None
     return task, space, objective

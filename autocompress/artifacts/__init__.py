@@ -11,14 +11,19 @@
   1..8 bits, filler entries for long gaps) encodings, each optionally raw-deflate or raw-LZMA2
   compressed.
 * ``plan.json``: the plan (``Plan.to_json()``).
-* ``manifest.json``: format name and version, ``task_spec``, byte size and sha256 of the two
-  files above, and ``size_bytes``; written last, so a directory without a valid manifest is never
+* ``model.onnx`` (optional, with ``export(..., onnx_example=batch)``): the ONNX Runtime
+  deployment form (fp32, or int8 where that is faster), listed and hashed in the manifest but
+  not counted in ``size_bytes`` (an alternative encoding of the same model; see ``_io``).
+* ``manifest.json``: format name and version, ``task_spec``, byte size and sha256 of the files
+  above, and ``size_bytes``; written last, so a directory without a valid manifest is never
   an artifact.
 * ``metrics.json`` (optional, informational: not hashed, not counted in the size).
 
 ``size_bytes`` is the on-disk byte count of weights + plan + manifest. ``load(path)`` verifies
 everything before parsing, rebuilds the architecture (from ``model=`` or the task) and returns a
-model whose weights are bit-identical to the exported ones (signed zeros become +0.0). No pickle.
+model whose weights are bit-identical to the exported ones (signed zeros become +0.0);
+``load(path, runtime="onnxruntime")`` returns the verified ``model.onnx`` as an ONNX Runtime
+session (:class:`~autocompress.deploy.OnnxModel`). No pickle.
 
 Example:
     >>> import tempfile, torch

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from autocompress.artifacts._format import describe, encode_state
@@ -16,6 +17,8 @@ from autocompress.artifacts._io import (
     DEPLOY_FILES,
     MANIFEST,
     METRICS,
+    ONNX,
+    OPTIONAL_FILES,
     PLAN,
     WEIGHTS,
     atomic_write,
@@ -37,8 +40,9 @@ class Artifact:
     Args:
         path: the directory.
         size_bytes: on-disk bytes a deployment needs: ``weights.safetensors`` + ``plan.json`` +
-            ``manifest.json`` (``metrics.json`` is not counted).
-        files: on-disk bytes of each file in the artifact, ``metrics.json`` included if present.
+            ``manifest.json`` (``metrics.json`` and ``model.onnx`` are not counted).
+        files: on-disk bytes of each file in the artifact, ``metrics.json`` and ``model.onnx``
+            included if present.
         task_spec: the task that rebuilds the architecture (``"digits-mlp"``,
             ``"pkg.mod:function"``), or None.
     """
@@ -53,8 +57,20 @@ class Artifact:
         """Reopen an exported directory, checking its manifest and on-disk sizes."""
         p = Path(path)
         m = read_manifest(p)
-        names = [*DEPLOY_FILES, MANIFEST] + ([METRICS] if (p / METRICS).is_file() else [])
-        return cls(p, artifact_size(p), {n: (p / n).stat().st_size for n in names}, m["task_spec"])
+        names = [*DEPLOY_FILES, MANIFEST] + [n for n in OPTIONAL_FILES if n in m["files"]]
+        names += [METRICS] if (p / METRICS).is_file() else []
+        try:
+            files = {n: (p / n).stat().st_size for n in names}
+        except FileNotFoundError as e:
+            name = Path(e.filename).name
+            raise ArtifactError(f"artifact {str(p)!r}: {name} is missing: re-export it") from None
+        return cls(p, artifact_size(p), files, m["task_spec"])
+
+    @property
+    def onnx_path(self) -> Path | None:
+        """``model.onnx`` (the ONNX Runtime form), or None if the artifact was exported without
+        ``onnx_example``."""
+        return self.path / ONNX if ONNX in self.files else None
 
 
 def _json_default(obj: Any) -> Any:
@@ -94,6 +110,9 @@ def _write_dir(path: Path, files: dict[str, bytes], metrics: bytes | None) -> No
     fsync_dir(path)
     for name in order:
         atomic_write(path / name, files[name])
+    for name in OPTIONAL_FILES:
+        if name not in files:
+            (path / name).unlink(missing_ok=True)  # a stale ONNX form is another model
     if metrics is None:
         (path / METRICS).unlink(missing_ok=True)  # stale metrics would describe another model
     else:
@@ -108,11 +127,24 @@ def export(
     *,
     task_spec: str | None = None,
     metrics: dict[str, Any] | None = None,
+    onnx_example: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
 ) -> Artifact:
     """Write the compressed, baked ``model`` as one artifact directory at ``path``.
 
     Each state-dict tensor is stored in its smallest lossless encoding (see the package
     docstring); the write is atomic and the same model always gives the same bytes.
+
+    Args:
+        model: the compressed model (``compress.apply``'s result) or any ``nn.Module``.
+        plan: the plan it was made with (``None``: an empty plan, e.g. for a teacher).
+        path: the directory to write (created; an existing artifact there is replaced).
+        task_spec: the task that rebuilds the architecture on load (``task.spec``).
+        metrics: numbers written to ``metrics.json`` (not hashed, not counted).
+        onnx_example: a batch of real inputs; when given, the deployment form is also written
+            as ``model.onnx`` (``to_onnx(model, onnx_example, int8="auto")``: int8 where the
+            plan quantized Linear layers to <= 8 bits and it runs faster at batch 256), listed
+            and hashed in the manifest but not counted in ``size_bytes`` (its size is the
+            ``onnx_bytes`` metric). Open it with ``load(path, runtime="onnxruntime")``.
 
     Example:
         >>> import tempfile, torch
@@ -136,6 +168,10 @@ def export(
         WEIGHTS: encode_state(model.state_dict(), quant_records(model)),
         PLAN: plan.to_json().encode(),
     }
+    if onnx_example is not None:
+        from autocompress.deploy import onnx_form
+
+        files[ONNX] = onnx_form(model, onnx_example, int8="auto")
     files[MANIFEST] = manifest_bytes(files, task_spec)
     p = Path(path)
     _write_dir(p, files, None if metrics is None else _metrics_bytes(metrics))

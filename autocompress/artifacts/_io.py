@@ -3,8 +3,15 @@
 ``manifest.json`` (compact JSON, sorted keys) holds exactly: ``format``
 (``"autocompress-artifact"``), ``version`` (1), ``task_spec`` (string or null), ``files``
 (``{name: {"bytes": int, "sha256": hex}}`` for the deployment files ``weights.safetensors`` and
-``plan.json``) and ``size_bytes``: the on-disk bytes of those files plus the manifest itself (a
-fixed point: the number is chosen so that the manifest holding it makes the sum true).
+``plan.json``, and ``model.onnx`` when the artifact has an ONNX form) and ``size_bytes``: the
+on-disk bytes of ``weights.safetensors`` + ``plan.json`` plus the manifest itself (a fixed point:
+the number is chosen so that the manifest holding it makes the sum true).
+
+``model.onnx`` is listed and hashed (verified on every load) but not counted in ``size_bytes``:
+it is a second, alternative encoding of the same model for ONNX Runtime (pruned weights stored
+as dense zeros, fp32 or int8), not something the compressed artifact needs; a deployment ships
+one or the other. Its size is the ``onnx_bytes`` metric. A manifest without it is exactly the
+version-1 manifest written before ONNX forms existed, so old artifacts load unchanged.
 ``metrics.json`` is informational: neither listed, hashed nor counted.
 """
 
@@ -27,10 +34,14 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 PLAN = "plan.json"
 METRICS = "metrics.json"
+ONNX = "model.onnx"
 DEPLOY_FILES = (WEIGHTS, PLAN)
+"""Files counted in ``size_bytes`` (with the manifest)."""
+OPTIONAL_FILES = (ONNX,)
+"""Files listed and verified when present, not counted in ``size_bytes``."""
 _KEYS = {"format", "version", "task_spec", "files", "size_bytes"}
 _MAX_MANIFEST = 1 << 20
-_MAX_FILE = {WEIGHTS: 1 << 36, PLAN: 16 << 20}
+_MAX_FILE = {WEIGHTS: 1 << 36, PLAN: 16 << 20, ONNX: 1 << 36}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -70,9 +81,18 @@ def sha256(data: bytes) -> str:
 
 
 def manifest_bytes(files: dict[str, bytes], task_spec: str | None) -> bytes:
-    """The manifest for deployment ``files`` (name -> content), ``size_bytes`` included."""
+    """The manifest for ``files`` (name -> content), ``size_bytes`` included.
+
+    ``files`` holds the deployment files and optionally ``model.onnx`` (listed, not counted).
+    """
+    unknown = sorted(set(files) - set(DEPLOY_FILES) - set(OPTIONAL_FILES))
+    if unknown or not set(DEPLOY_FILES) <= set(files):
+        raise ArtifactError(
+            f"manifest files must be {list(DEPLOY_FILES)} + optional "
+            f"{list(OPTIONAL_FILES)}, got {sorted(files)}"
+        )
     listing = {n: {"bytes": len(b), "sha256": sha256(b)} for n, b in sorted(files.items())}
-    base = sum(len(b) for b in files.values())
+    base = sum(len(files[n]) for n in DEPLOY_FILES)
     size, text = base, b""
     for _ in range(8):  # size = base + len(manifest(size)); monotone, converges in <= 3 steps
         doc = {"files": listing, "format": FORMAT, "size_bytes": size, "task_spec": task_spec}
@@ -114,14 +134,17 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if m["task_spec"] is not None and not isinstance(m["task_spec"], str):
         raise _bad(path, "manifest task_spec must be a string or null")
     files = m["files"]
-    if not isinstance(files, dict) or set(files) != set(DEPLOY_FILES):
-        raise _bad(path, f"manifest must list exactly the files {list(DEPLOY_FILES)}")
+    extra = set(files) - set(DEPLOY_FILES) if isinstance(files, dict) else set()
+    if not isinstance(files, dict) or not set(DEPLOY_FILES) <= set(files) or extra - {ONNX}:
+        raise _bad(
+            path, f"manifest must list the files {list(DEPLOY_FILES)} (and optionally {ONNX})"
+        )
     for name, info in files.items():
         ok = isinstance(info, dict) and set(info) == {"bytes", "sha256"}
         ok = ok and type(info["bytes"]) is int and 0 <= info["bytes"] <= _MAX_FILE[name]
         if not (ok and isinstance(info["sha256"], str) and _SHA.match(info["sha256"])):
             raise _bad(path, f"manifest entry of {name} must be {{bytes, sha256}} with sane values")
-    total = sum(i["bytes"] for i in files.values()) + mpath.stat().st_size
+    total = sum(files[n]["bytes"] for n in DEPLOY_FILES) + mpath.stat().st_size
     if m["size_bytes"] != total:
         raise _bad(path, f"manifest size_bytes={m['size_bytes']!r} but the files total {total}")
     return m

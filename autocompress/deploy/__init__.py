@@ -21,7 +21,7 @@ from __future__ import annotations
 from autocompress.deploy._export import export_fp32
 from autocompress.deploy._latency import LatencyStats, measure_latency, paired_ratio
 from autocompress.deploy._macs import Product, bitops, macs, products
-from autocompress.deploy._onnx import deploy_forms, tile_batch, to_onnx
+from autocompress.deploy._onnx import deploy_forms, onnx_form, tile_batch, to_onnx
 from autocompress.deploy._runtime import OnnxModel, load_onnx
 from autocompress.deploy._speedup import latency_and_speedup, teacher_onnx
 
@@ -36,6 +36,7 @@ __all__ = [
     "load_onnx",
     "macs",
     "measure_latency",
+    "onnx_form",
     "paired_ratio",
     "products",
     "teacher_onnx",

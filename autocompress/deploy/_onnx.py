@@ -142,16 +142,35 @@ def to_onnx(
         >>> p.name, load_onnx(p)(torch.randn(37, 4)).shape
         ('net.onnx', torch.Size([37, 2]))
     """
-    if int8 not in INT8_CHOICES or (isinstance(int8, str) and int8 != "auto"):
-        raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
     path = Path(path)
     if not path.parent.is_dir():
         raise AutocompressError(f"directory {str(path.parent)!r} does not exist: create it first")
+    data = onnx_form(model, example_input, int8=int8, batch_size=batch_size, threads=threads)
+    write_atomic(path, data)
+    return path
+
+
+def onnx_form(
+    model: nn.Module,
+    example_input: Inputs,
+    *,
+    int8: str | bool = "auto",
+    batch_size: int = 256,
+    threads: int = 1,
+) -> bytes:
+    """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
+
+    Example:
+        >>> data = onnx_form(nn.Linear(4, 2), torch.randn(3, 4))
+        >>> OnnxModel(data).form
+        'fp32'
+    """
+    if int8 not in INT8_CHOICES or (isinstance(int8, str) and int8 != "auto"):
+        raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
     forms = deploy_forms(model, example_input, int8=bool(int8))
     if int8 == "auto":
         x = as_numpy(tile_batch(example_input, batch_size))
         form = fastest_form(forms, x, threads=threads)
     else:
         form = "int8" if int8 and "int8" in forms else "fp32"
-    write_atomic(path, forms[form])
-    return path
+    return forms[form]

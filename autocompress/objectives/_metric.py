@@ -9,6 +9,10 @@ A new metric is one function plus one registry entry::
 A metric function may also accept the keyword arguments ``split`` (``"val"`` or ``"test"``, the
 split being evaluated) and ``reference`` (a :class:`Reference` with the teacher's numbers); they
 are passed only to functions that declare them.
+
+Besides registered names, :func:`get_metric` resolves *parametrized* names through resolvers
+(:func:`register_family`): ``latency_ms_b1_torch`` is the latency metric at batch 1 in eager
+PyTorch (see ``_deploy``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import importlib
 import inspect
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +59,9 @@ class Metric:
         direction: ``"maximize"`` or ``"minimize"`` (``"max"``/``"min"`` accepted).
         fn: ``(model, artifact, task) -> float``; may also take the keywords ``split`` and
             ``reference`` (see the module docstring).
+        details: optional ``(model, artifact, task) -> {name: float}``, called after ``fn``:
+            extra numbers recorded next to the metric (e.g. a latency's spread), never
+            optimized. Same keyword rules as ``fn``.
 
     Example:
         >>> m = Metric("nonzero_fc1", "minimize", lambda model, art, task: 3.0)
@@ -65,6 +72,7 @@ class Metric:
     name: str
     direction: str
     fn: Callable[..., float] = field(compare=False)
+    details: Callable[..., Mapping[str, float]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.name, str) and self.name.replace("_", "a").isalnum()):
@@ -80,6 +88,8 @@ class Metric:
         object.__setattr__(self, "direction", direction)
         if not callable(self.fn):
             raise ConfigError(f"metric {self.name!r}: fn must be callable (model, artifact, task)")
+        if self.details is not None and not callable(self.details):
+            raise ConfigError(f"metric {self.name!r}: details must be callable or None")
 
     def __call__(
         self,
@@ -91,18 +101,38 @@ class Metric:
         reference: Reference | None = None,
     ) -> float:
         """Compute the metric, passing ``split``/``reference`` only if ``fn`` declares them."""
-        extra = {}
-        params = _keyword_params(self.fn)
-        if "split" in params:
-            extra["split"] = split
-        if "reference" in params:
-            extra["reference"] = reference
-        return float(self.fn(model, artifact, task, **extra))
+        kw = _keywords(self.fn, split, reference)
+        return float(self.fn(model, artifact, task, **kw))
+
+    def extra_values(
+        self,
+        model: nn.Module,
+        artifact: Artifact,
+        task: Task,
+        *,
+        split: str = "val",
+        reference: Reference | None = None,
+    ) -> dict[str, float]:
+        """The ``details`` numbers (``{}`` without ``details``), as floats."""
+        if self.details is None:
+            return {}
+        kw = _keywords(self.details, split, reference)
+        return {str(k): float(v) for k, v in self.details(model, artifact, task, **kw).items()}
 
     @property
     def sign(self) -> float:
         """+1 for maximize, -1 for minimize (``sign * value`` is always 'higher is better')."""
         return 1.0 if self.direction == "maximize" else -1.0
+
+
+def _keywords(fn: Callable[..., Any], split: str, reference: Reference | None) -> dict[str, Any]:
+    params = _keyword_params(fn)
+    kw: dict[str, Any] = {}
+    if "split" in params:
+        kw["split"] = split
+    if "reference" in params:
+        kw["reference"] = reference
+    return kw
 
 
 def _keyword_params(fn: Callable[..., Any]) -> set[str]:
@@ -156,6 +186,38 @@ _REGISTRY: dict[str, Metric] = {
     "compression_ratio": Metric("compression_ratio", "maximize", _compression_ratio),
     "params": Metric("params", "minimize", _params),
 }
+
+
+_FAMILIES: list[Callable[[str], Metric | None]] = []
+_FAMILY_HINTS: list[str] = []
+
+
+def register_family(resolver: Callable[[str], Metric | None], hint: str) -> None:
+    """Add a resolver of parametrized metric names (tried after the registry).
+
+    ``resolver(name)`` returns a :class:`Metric` for the names it understands, else None;
+    ``hint`` is an example name shown in the unknown-metric error.
+    """
+    _FAMILIES.append(resolver)
+    _FAMILY_HINTS.append(hint)
+
+
+def _resolve_family(name: str) -> Metric | None:
+    for resolver in _FAMILIES:
+        metric = resolver(name)
+        if metric is not None:
+            return metric
+    return None
+
+
+def is_metric_name(name: str) -> bool:
+    """True for a registered or parametrized metric name (not ``module:function``).
+
+    Example:
+        >>> is_metric_name("size_bytes"), is_metric_name("latency_ms_b1"), is_metric_name("x")
+        (True, True, False)
+    """
+    return name in _REGISTRY or _resolve_family(name) is not None
 
 
 def metric_names() -> list[str]:
@@ -219,8 +281,12 @@ def get_metric(spec: str | Metric) -> Metric:
     if spec in _REGISTRY:
         return _REGISTRY[spec]
     if ":" not in spec:
+        metric = _resolve_family(spec)
+        if metric is not None:
+            return metric
+        hints = "".join(f", {h!r}" for h in _FAMILY_HINTS)
         raise ConfigError(
-            f"unknown metric {spec!r}: use one of {metric_names()} or 'module:function'"
+            f"unknown metric {spec!r}: use one of {metric_names()}{hints} or 'module:function'"
         )
     return _from_module(spec)
 

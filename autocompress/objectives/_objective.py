@@ -11,7 +11,13 @@ from torch import nn
 
 from autocompress.errors import ConfigError
 from autocompress.objectives._constraint import DERIVED, Constraint
-from autocompress.objectives._metric import Metric, Reference, get_metric, metric_names
+from autocompress.objectives._metric import (
+    Metric,
+    Reference,
+    get_metric,
+    is_metric_name,
+    metric_names,
+)
 
 if TYPE_CHECKING:
     from autocompress.artifacts import Artifact
@@ -32,7 +38,9 @@ class Objective:
 
     Args:
         metrics: :class:`Metric` objects or names (``"accuracy"``, ``"size_bytes"``,
-            ``"compression_ratio"``, ``"params"``, registered names, ``"module:function"``).
+            ``"compression_ratio"``, ``"params"``, ``"latency_ms"``, ``"speedup"``,
+            ``"macs"``, ``"bitops"``, ``"onnx_bytes"``, parametrized latency names such as
+            ``"latency_ms_b1_torch"``, registered names, ``"module:function"``).
         constraints: :class:`Constraint` objects or strings such as ``"accuracy_drop <= 0.01"``;
             a constraint may name any metric above, a registered metric, or ``accuracy_drop``
             (teacher accuracy minus candidate accuracy on the same split).
@@ -73,8 +81,15 @@ class Objective:
         self.metrics = resolved
         if isinstance(self.constraints, str | Constraint):
             self.constraints = [self.constraints]
-        allowed = set(metric_names()) | set(names) | set(DERIVED)
-        self.constraints = [Constraint.parse(c, allowed) for c in self.constraints]
+        parsed = [Constraint.parse(c) for c in self.constraints]
+        for c in parsed:
+            if c.metric not in set(names) | set(DERIVED) and not is_metric_name(c.metric):
+                allowed = sorted(set(metric_names()) | set(names) | set(DERIVED))
+                raise ConfigError(
+                    f"constraint {str(c)!r} names unknown metric {c.metric!r}: "
+                    f"use one of {allowed} or a latency name like 'latency_ms_b1'"
+                )
+        self.constraints = parsed
         if self.weights is not None:
             w = dict(self.weights)
             unknown = sorted(set(w) - set(names))
@@ -143,10 +158,13 @@ class Objective:
         Besides the objective's metrics the result always holds ``accuracy`` and
         ``size_bytes``, ``compression_ratio`` when ``reference.size_bytes`` is known,
         ``accuracy_drop`` when the teacher's score on ``split`` is, every metric a constraint
-        names, and ``score`` when weights are given.
+        names, each metric's ``details`` (e.g. a latency's IQR and the teacher's latency; they
+        never replace a metric's own value), and ``score`` when weights are given.
         """
         kw: dict[str, Any] = {"split": split, "reference": reference}
         values: dict[str, float] = {}
+        details: dict[str, float] = {}
+        used = list(self.metrics)
         for m in self.metrics:
             values[m.name] = m(model, artifact, task, **kw)  # type: ignore[operator]
         extra = list(ALWAYS)
@@ -155,7 +173,13 @@ class Objective:
         extra += [c.metric for c in self.constraints if c.metric not in DERIVED]
         for name in extra:
             if name not in values:
-                values[name] = get_metric(name)(model, artifact, task, **kw)
+                metric = get_metric(name)
+                values[name] = metric(model, artifact, task, **kw)
+                used.append(metric)
+        for m in used:
+            for k, v in m.extra_values(model, artifact, task, **kw).items():  # type: ignore[union-attr]
+                details.setdefault(k, v)
+        values.update({k: v for k, v in details.items() if k not in values})
         if reference is not None and split in reference.scores:
             values["accuracy_drop"] = float(reference.scores[split]) - values["accuracy"]
         if self.weights:

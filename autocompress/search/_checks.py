@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -92,8 +93,46 @@ def validate(
     check_plan(task.build_model(), space.uniform())  # the space belongs to this architecture
 
 
-def prepare_run_dir(run_dir: Any, resume: bool) -> Path:
-    """Resolve and create ``run_dir``, checking it is writable and matches ``resume``."""
+MIN_FREE_BYTES = 16 << 20
+STARTUP_FILES = ("teacher",)
+"""What a run writes before ``run.json``: a run killed then holds only these (and temp files)."""
+
+
+def space_needed(teacher_bytes: int, trials: int) -> int:
+    """A floor on the free space a run needs in ``run_dir``.
+
+    Every trial keeps its artifact until the end (compressed artifacts are typically well under
+    a quarter of the fp32 teacher) plus a record and Tune's per-trial files (~32 KiB); the
+    teacher is exported once; 16 MiB covers run.json, the tables, optuna.db and Tune's state.
+    """
+    return MIN_FREE_BYTES + 2 * teacher_bytes + trials * (teacher_bytes // 4 + (32 << 10))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def check_free_space(rd: Path, need: int, free: int | None = None) -> None:
+    """Refuse a ``run_dir`` on a file system with less than ``need`` bytes free."""
+    free = shutil.disk_usage(rd).free if free is None else free
+    if free < need:
+        raise ConfigError(
+            f"run_dir {str(rd)!r} has {_mb(free)} free but this run needs about {_mb(need)}: "
+            "free some space or choose a run_dir on another disk"
+        )
+
+
+def _startup_leftovers(rd: Path) -> bool:
+    """True if ``rd`` holds nothing but what a run killed during start-up leaves."""
+    return all(p.name in STARTUP_FILES or p.name.startswith(".") for p in rd.iterdir())
+
+
+def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Resolve and create ``run_dir``, checking it is writable, has room and matches ``resume``.
+
+    ``resume=True`` on a directory a killed run left before writing ``run.json`` (empty, or
+    holding only a partial teacher export) starts that run afresh.
+    """
     if not isinstance(run_dir, str | os.PathLike) or not str(run_dir):
         raise ConfigError(f"run_dir={run_dir!r} is invalid: give a directory path")
     if not isinstance(resume, bool):
@@ -101,12 +140,17 @@ def prepare_run_dir(run_dir: Any, resume: bool) -> Path:
     rd = Path(run_dir).expanduser().resolve()
     if rd.exists() and not rd.is_dir():
         raise ConfigError(f"run_dir {str(rd)!r} is a file: choose a directory")
-    non_empty = rd.is_dir() and any(rd.iterdir())
-    if resume and not (rd / "run.json").is_file():
+    started = (rd / "run.json").is_file()
+    if resume and not started and not rd.is_dir():
         raise ConfigError(
             f"resume=True but {str(rd)!r} holds no run (no run.json): run without resume"
         )
-    if not resume and non_empty:
+    if resume and not started and not _startup_leftovers(rd):
+        raise ConfigError(
+            f"resume=True but {str(rd)!r} holds no run (no run.json) and other files: "
+            "choose the run_dir of the run to resume"
+        )
+    if not resume and rd.is_dir() and any(rd.iterdir()):
         raise ConfigError(
             f"run_dir {str(rd)!r} already holds files: pass resume=True to continue that run "
             "or choose another run_dir"
@@ -120,6 +164,10 @@ def prepare_run_dir(run_dir: Any, resume: bool) -> Path:
         raise ConfigError(
             f"run_dir {str(rd)!r} is not writable ({e.strerror}): choose another"
         ) from None
+    if resume and not started:  # killed during start-up: nothing to keep
+        for p in rd.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    check_free_space(rd, need_bytes)
     return rd
 
 

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import importlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from autocompress.errors import ConfigError
+from autocompress.errors import AutocompressError, ConfigError
 from autocompress.objectives import Objective, Reference
-from autocompress.search._checks import check_resume, describe_space, prepare_run_dir, validate
+from autocompress.search._checks import (
+    check_resume,
+    describe_space,
+    prepare_run_dir,
+    space_needed,
+    validate,
+)
 from autocompress.search._ray import (
     check_resources,
     fail_stale_optuna_trials,
@@ -34,6 +45,81 @@ QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
 }
+PIP = {"ray": "'ray[tune]==2.60.0'", "ray.tune": "'ray[tune]==2.60.0'", "sklearn": "scikit-learn"}
+DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO)
+
+
+class SearchInterrupted(AutocompressError, KeyboardInterrupt):
+    """Ctrl-C outside the search loop (e.g. during teacher training): nothing to save yet.
+
+    Still a ``KeyboardInterrupt`` for Python callers, and one clear line on the command line.
+    """
+
+
+def missing_dependency(e: ImportError, what: str) -> AutocompressError:
+    """A one-line error naming the missing module and the install command."""
+    name = e.name or str(e)
+    pip = PIP.get(name, PIP.get(name.split(".")[0], name.split(".")[0]))
+    return AutocompressError(
+        f"{what} needs the Python module {name!r}, which is not installed: pip install {pip}"
+    )
+
+
+def require(*modules: str) -> None:
+    """Import ``modules`` now, so a missing one fails before anything starts."""
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError as e:
+            raise missing_dependency(e, "search.run") from None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the search runs, SIGTERM (a scheduler's stop) is handled like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def disk_problem(e: BaseException) -> str | None:
+    """Why ``e`` (or an exception it wraps) is a full or unwritable disk, else None.
+
+    Ray Tune and Optuna's SQLite storage wrap the ``OSError``; the chain is followed.
+    """
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 20:
+        if isinstance(cur, OSError) and cur.errno in DISK_ERRORS:
+            return cur.strerror or str(cur)
+        text = str(cur).lower()
+        for sign in ("database or disk is full", "disk i/o error", "readonly database"):
+            if sign in text:
+                return sign
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return None
+
+
+def _disk_error(why: str, rd: Path) -> AutocompressError:
+    return AutocompressError(
+        f"writing to run_dir {str(rd)!r} failed ({why}): free space or fix the permissions, "
+        "then continue with --resume (resume=True); finished trials are kept"
+    )
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, default=str))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _teacher(task: Task, objective: Objective, run_dir: Path) -> tuple[dict, Reference]:
@@ -53,6 +139,8 @@ def _teacher(task: Task, objective: Objective, run_dir: Path) -> tuple[dict, Ref
     for split in ("val", "test"):
         try:
             scores[split] = objective.evaluate(teacher, art, task, split, ref)
+        except ImportError as e:  # every trial would fail the same way: say so now
+            raise missing_dependency(e, f"objective {objective.names}") from None
         except Exception:  # a custom metric that cannot score the dense teacher
             scores[split] = Objective(["accuracy", "size_bytes"]).evaluate(
                 teacher, art, task, split, ref
@@ -121,6 +209,7 @@ def run(
         >>> print(result.summary())  # doctest: +SKIP
     """
     objective = Objective.default() if objective is None else objective
+    require("optuna", "ray.tune")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r} is unknown: use 'cpu' or 'cuda'")
     if device == "cuda" and not gpus_per_trial:
@@ -149,7 +238,9 @@ def run(
 
     if address is not None and not ray.is_initialized():
         probe(address)
-    rd = prepare_run_dir(run_dir, resume)
+    teacher_bytes = 4 * sum(p.numel() for p in task.build_model().parameters())
+    rd = prepare_run_dir(run_dir, resume, space_needed(teacher_bytes, trials))
+    resume = resume and (rd / "run.json").is_file()  # False: killed before it really started
     settings = {
         "trials": trials,
         "workers": workers,
@@ -176,19 +267,18 @@ def run(
     for k, v in QUIET_ENV.items():
         os.environ.setdefault(k, v)
     t0 = time.monotonic()
+    started = False
     try:
         teacher, reference = _teacher(task, objective, rd)
         log.debug("teacher ready in %.1fs", time.monotonic() - t0)
         if not (rd / "run.json").is_file():
             run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
             run_json["teacher"] = teacher
-            text = json.dumps(run_json, indent=2, sort_keys=True, default=str)
-            (rd / "run.json").write_text(text)
+            _write_json(rd / "run.json", run_json)
         cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
-        started = False
         started = start_ray(address, cpus, verbose)
         check_resources(cpus_per_trial, gpus_per_trial)
-    except BaseException:
+    except BaseException as e:
         if started:
             ray.shutdown()
         if not resume:  # leave no half-made run behind: the same call can simply be retried
@@ -197,25 +287,41 @@ def run(
                     shutil.rmtree(p)
                 else:
                     p.unlink()
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, SearchInterrupted):
+            raise SearchInterrupted(
+                "interrupted before the search started; nothing was lost: run it again"
+                + (" with --resume" if resume else "")
+            ) from None
+        if isinstance(e, Exception) and (why := disk_problem(e)):
+            raise _disk_error(why, rd) from None
         raise
     log.debug("ray ready at %.1fs", time.monotonic() - t0)
     try:
-        from autocompress.search._tune import fit
+        from autocompress.search._tune import fit, unadopted
 
-        tune_trials = fit(
-            task,
-            space,
-            objective,
-            rd,
-            reference,
-            points,
-            sampler,
-            settings,
-            progress,
-            verbose,
-            resume,
-            quiet(verbose),
-        )
+        with sigterm_as_interrupt():
+            tune_trials = fit(
+                task,
+                space,
+                objective,
+                rd,
+                reference,
+                points,
+                sampler,
+                settings,
+                progress,
+                verbose,
+                resume,
+                quiet(verbose),
+            )
+    except KeyboardInterrupt:  # a second Ctrl-C: Tune's state was saved at the first
+        raise SearchInterrupted(
+            "interrupted; finished trials are kept: resume with --resume (resume=True)"
+        ) from None
+    except Exception as e:
+        if why := disk_problem(e):
+            raise _disk_error(why, rd) from None
+        raise
     finally:
         if started:
             ray.shutdown()
@@ -223,10 +329,29 @@ def run(
     fail_stale_optuna_trials(rd / "optuna.db")
     from autocompress.search._finalize import finalize
 
-    settings = {**settings, "run_dir": str(rd)}
-    result = finalize(
-        rd, tune_trials, task, objective, reference, teacher, settings, time.monotonic() - t0
+    statuses = [t.get("status", "") for t in tune_trials.values()]
+    over_time = time_budget is not None and time.monotonic() - t0 >= time_budget
+    interrupted = any(s in ("PENDING", "RUNNING", "PAUSED") for s in statuses) or (
+        len(tune_trials) < trials and not over_time
     )
+    settings = {**settings, "run_dir": str(rd)}
+    try:
+        result = finalize(
+            rd,
+            tune_trials,
+            task,
+            objective,
+            reference,
+            teacher,
+            settings,
+            time.monotonic() - t0,
+            interrupted=interrupted,
+            unadopted=unadopted(rd),
+        )
+    except Exception as e:
+        if why := disk_problem(e):
+            raise _disk_error(why, rd) from None
+        raise
     log.debug("finalized at %.1fs", time.monotonic() - t0)
     if progress and result.message:
         print(f"autocompress: {result.message}", file=sys.stderr)

@@ -20,21 +20,29 @@ from autocompress.search._trial import read_records
 from autocompress.tasks import Task
 
 
-def _artifact_dir(run_dir: Path, trial_id: str) -> Path | None:
-    for sub in ("pareto", "trials"):
-        p = run_dir / sub / trial_id
-        if (p / "manifest.json").is_file():
-            return p
-    return None
+def _artifact_dir(run_dir: Path, trial_id: str, recorded: str = "") -> Path | None:
+    """Where a trial's artifact is: ``pareto/<id>``, its recorded directory, or ``trials/<id>``.
+
+    An adopted trial (see ``_trial.adopt``) keeps the directory it was written to.
+    """
+    places = [run_dir / "pareto" / trial_id, run_dir / "trials" / trial_id]
+    if recorded:
+        places.insert(1, run_dir / recorded)
+    return next((p for p in places if (p / "manifest.json").is_file()), None)
 
 
 def _test_metrics(
-    run_dir: Path, trial_id: str, task: Task, objective: Objective, reference: Reference
+    run_dir: Path,
+    trial_id: str,
+    recorded: str,
+    task: Task,
+    objective: Objective,
+    reference: Reference,
 ) -> dict[str, float]:
     """Reload the artifact from disk and score it on the test split (proves it is real)."""
     from autocompress.artifacts import Artifact, load
 
-    path = _artifact_dir(run_dir, trial_id)
+    path = _artifact_dir(run_dir, trial_id, recorded)
     if path is None:
         return {"test_error": "artifact not found"}
     try:
@@ -46,19 +54,61 @@ def _test_metrics(
     return {f"test_{k}": v for k, v in values.items()}
 
 
-def _keep_artifacts(run_dir: Path, df: pd.DataFrame, front: list[str], keep: str) -> None:
-    """Move/copy front artifacts to ``pareto/``, delete the rest as ``keep`` says."""
+def _remove_temporaries(run_dir: Path) -> None:
+    """Delete temporary files and directories left by writes a SIGKILL interrupted.
+
+    Every write of autocompress goes to a hidden temporary name and is renamed into place, so
+    a leftover is never valid; ``tune/`` is Tune's own and left alone.
+    """
+    for sub in ("records", "trials", "pareto", "teacher"):
+        base = run_dir / sub
+        if not base.is_dir():
+            continue
+        for p in sorted(base.rglob(".*"), reverse=True):
+            if p.name.startswith(".claim-"):
+                continue
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    for p in run_dir.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+def _keep_artifacts(
+    run_dir: Path, df: pd.DataFrame, front: list[str], keep: str, interrupted: bool
+) -> None:
+    """Move/copy front artifacts to ``pareto/``, delete the rest as ``keep`` says.
+
+    After an interrupt nothing is moved or deleted (the resumed run still needs its artifacts);
+    the table points at where each artifact is. Re-running this after a kill is safe: copies go
+    through a temporary directory, and ``pareto/`` entries no longer on the front are removed.
+    """
     pareto_dir = run_dir / "pareto"
+    recorded = dict(zip(df["trial_id"], df["artifact"], strict=True))
+    if interrupted:
+        df["artifact"] = [
+            str(p.relative_to(run_dir)) if (p := _artifact_dir(run_dir, t, recorded[t])) else ""
+            for t in df["trial_id"]
+        ]
+        return
     if keep != "none":
         for tid in front:
-            src, dst = run_dir / "trials" / tid, pareto_dir / tid
-            if dst.exists() or not src.is_dir():
+            src, dst = _artifact_dir(run_dir, tid, recorded.get(tid, "")), pareto_dir / tid
+            if dst.exists() or src is None:
                 continue
             dst.parent.mkdir(parents=True, exist_ok=True)
             if keep == "all":
-                shutil.copytree(src, dst)
+                tmp = pareto_dir / f".{tid}.copy"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(src, tmp)
+                tmp.rename(dst)
             else:
                 src.rename(dst)
+        if pareto_dir.is_dir():
+            for p in pareto_dir.iterdir():  # front members of an earlier, interrupted finalize
+                if p.name not in front:
+                    shutil.rmtree(p, ignore_errors=True)
     if keep in ("pareto", "none"):
         shutil.rmtree(run_dir / "trials", ignore_errors=True)
     if keep == "none":
@@ -109,26 +159,45 @@ def finalize(
     teacher: dict[str, Any],
     settings: dict[str, Any],
     wall_time_s: float,
+    interrupted: bool = False,
+    unadopted: int = 0,
 ) -> SearchResult:
-    """Build and write ``trials.csv``, ``pareto.csv`` and ``result.json``; return the result."""
+    """Build and write ``trials.csv``, ``pareto.csv`` and ``result.json``; return the result.
+
+    ``interrupted``: the search was stopped (Ctrl-C / SIGTERM) before its budget; the tables
+    hold the trials so far and the message says how to resume.
+    """
+    _remove_temporaries(run_dir)
     records = read_records(run_dir)
     df = trial_rows(tune_trials, records, objective.names)
     mask = front_mask(df, objective.names, objective.directions)
     front = df.loc[mask, "trial_id"].astype(str).tolist() if len(df) else []
-    tests = {t: _test_metrics(run_dir, t, task, objective, reference) for t in front}
+    recorded = dict(zip(df["trial_id"], df["artifact"], strict=True)) if len(df) else {}
+    tests = {
+        t: _test_metrics(run_dir, t, recorded.get(t, ""), task, objective, reference) for t in front
+    }
     keep = settings.get("keep_artifacts", "pareto")
     if len(df):
-        _keep_artifacts(run_dir, df, front, keep)
+        _keep_artifacts(run_dir, df, front, keep, interrupted)
     pareto = df[mask].copy() if len(df) else df.copy()
     if len(pareto):
         test_df = pd.DataFrame([tests[t] for t in front], index=pareto.index)
         pareto = pd.concat([pareto, test_df], axis=1)
-        pareto["artifact"] = "" if keep == "none" else [f"pareto/{t}" for t in front]
+        if interrupted:
+            pass  # the artifact column already says where each one is
+        else:
+            pareto["artifact"] = "" if keep == "none" else [f"pareto/{t}" for t in front]
         first = objective.metrics[0]
         pareto = pareto.sort_values(
             first.name, ascending=first.direction == "minimize", kind="stable"
         )
     message, closest = _message(df, objective)
+    if interrupted:
+        done = int(df["status"].isin(["COMPLETE", "FAILED"]).sum()) if len(df) else 0
+        message = (
+            f"interrupted after {done} of {settings.get('trials')} trials; the results so far "
+            "are saved: resume with --resume (search.run(..., resume=True)) to finish"
+        ) + (f" ({message})" if message else "")
     trials = write_csv(df, run_dir / "trials.csv")
     pareto = write_csv(pareto, run_dir / "pareto.csv")
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
@@ -141,6 +210,8 @@ def finalize(
         "closest": closest,
         "front": front,
         "counts": {str(k): int(v) for k, v in counts.items()},
+        "interrupted": interrupted,
+        "unadopted": unadopted,
         "n_feasible": int(trials["feasible"].astype(bool).sum()) if len(trials) else 0,
         "settings": settings,
         "wall_time_s": wall_time_s,

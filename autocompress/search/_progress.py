@@ -42,13 +42,27 @@ class Progress:
         self.time_budget = time_budget
         self.start = time.monotonic()
         self.done = self.failed = self.new = 0
+        self.seen: set[str] = set()
         self.points: list[list[float]] = []
         self.best_ratio: float | None = None
 
     def add(
-        self, status: str, values: dict[str, Any], feasible: bool, *, resumed: bool = False
+        self,
+        status: str,
+        values: dict[str, Any],
+        feasible: bool,
+        *,
+        resumed: bool = False,
+        trial_id: str | None = None,
     ) -> None:
-        """Count one finished trial (``resumed``: finished in an earlier session)."""
+        """Count one finished trial (``resumed``: finished in an earlier session).
+
+        A ``trial_id`` already counted is ignored (a resumed trial reports its record again).
+        """
+        if trial_id is not None:
+            if trial_id in self.seen:
+                return
+            self.seen.add(trial_id)
         self.done += 1
         self.new += 0 if resumed else 1
         if status != "COMPLETE":
@@ -116,9 +130,10 @@ class ProgressCallback(Callback):
         from autocompress.search._trial import read_records
 
         self.progress = Progress(*self.args)
-        for rec in read_records(self.run_dir).values():
+        for tid, rec in read_records(self.run_dir).items():
+            values = {**rec.get("values", {}), "duplicate_of": rec.get("duplicate_of")}
             self.progress.add(
-                rec["status"], rec.get("values", {}), rec.get("feasible", False), resumed=True
+                rec["status"], values, rec.get("feasible", False), resumed=True, trial_id=tid
             )
         self._draw()
 
@@ -137,11 +152,12 @@ class ProgressCallback(Callback):
     ) -> None:
         status = result.get("status")
         if status in ("COMPLETE", "FAILED"):  # each trial reports exactly once
-            self.progress.add(status, result, bool(result.get("feasible", False)))
+            feasible = bool(result.get("feasible", False))
+            self.progress.add(status, result, feasible, trial_id=getattr(trial, "trial_id", None))
             self._draw()
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.progress.add("FAILED", {}, False)
+        self.progress.add("FAILED", {}, False, trial_id=getattr(trial, "trial_id", None))
         self._draw()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:

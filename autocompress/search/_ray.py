@@ -74,7 +74,15 @@ def start_ray(address: str | None, cpus: int, verbose: bool) -> bool:
     old = os.environ.get("PYTHONPATH")  # workers import user 'module:function' code from cwd
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), old) if p)
     try:
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=verbose, logging_level=level)
+        # "local": always a new private instance; without it ray.init silently joins the last
+        # cluster `ray start` left on this machine (and then refuses num_cpus)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=level,
+        )
     finally:
         if old is None:
             os.environ.pop("PYTHONPATH", None)

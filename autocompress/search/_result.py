@@ -18,6 +18,7 @@ from autocompress.search._pareto import hypervolume_history
 from autocompress.search._tables import read_csv
 
 RESULT_VERSION = 1
+MAX_JSON_BYTES = 64 << 20
 
 
 @dataclass
@@ -59,7 +60,23 @@ class SearchResult:
             raise AutocompressError(
                 f"{str(d)!r} has no result.json: it is not a finished run (resume it to finish)"
             )
-        info = json.loads(path.read_text())
+        try:
+            if path.stat().st_size > MAX_JSON_BYTES:
+                raise ValueError(f"{path.stat().st_size} bytes is absurd for result.json")
+            info = json.loads(path.read_bytes())
+            if not isinstance(info, dict):
+                raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+            missing = {"teacher", "objective", "_version"} - set(info)
+            if missing:
+                raise ValueError(f"keys {sorted(missing)} are missing")
+            for name in ("trials.csv", "pareto.csv"):
+                if not (d / name).is_file():
+                    raise ValueError(f"{name} is missing")
+        except (OSError, ValueError) as e:
+            raise AutocompressError(
+                f"{str(d)!r} is not a readable run ({e}): resume it with --resume to rewrite "
+                "its tables from the trial records"
+            ) from None
         if info.get("_version") != RESULT_VERSION:
             raise AutocompressError(
                 f"{str(path)!r} has _version={info.get('_version')!r}, this autocompress reads "
@@ -83,8 +100,12 @@ class SearchResult:
                 f"no trial {trial_id!r} in {str(self.run_dir)!r}: see result.trials['trial_id']"
             )
         tid = str(rows.iloc[0]["duplicate_of"] or trial_id)
-        for sub in ("pareto", "trials"):
-            p = self.run_dir / sub / tid
+        orig = self.trials[self.trials["trial_id"] == tid]
+        recorded = str(orig.iloc[0]["artifact"]) if len(orig) else ""
+        places = [self.run_dir / "pareto" / tid, self.run_dir / "trials" / tid]
+        if recorded:
+            places.insert(0, self.run_dir / recorded)  # an adopted trial keeps its directory
+        for p in places:
             if (p / "manifest.json").is_file():
                 return p
         kept = self.info.get("settings", {}).get("keep_artifacts", "pareto")
@@ -146,11 +167,13 @@ class SearchResult:
         n_ok = int((t["status"] == "COMPLETE").sum()) if len(t) else 0
         n_fail = int((t["status"] == "FAILED").sum()) if len(t) else 0
         n_feas = int(t["feasible"].astype(bool).sum()) if len(t) else 0
+        n_stop = int((t["status"] == "STOPPED").sum()) if len(t) else 0
+        stopped = f", {n_stop} stopped" if n_stop else ""
         obj = ", ".join(f"{m['direction']} {m['name']}" for m in self.objective["metrics"])
         cons = "; ".join(self.objective["constraints"]) or "none"
         tv, tt = self.teacher.get("val", {}), self.teacher.get("test", {})
         lines = [
-            f"run {self.run_dir}: {len(t)} trials ({n_ok} complete, {n_fail} failed), "
+            f"run {self.run_dir}: {len(t)} trials ({n_ok} complete, {n_fail} failed{stopped}), "
             f"{n_feas} feasible, front {len(self.pareto)}",
             f"teacher: accuracy {tv.get('accuracy', float('nan')):.4f} val / "
             f"{tt.get('accuracy', float('nan')):.4f} test, {self.teacher['size_bytes']:,} bytes",

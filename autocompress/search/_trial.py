@@ -1,18 +1,23 @@
 """The trial function Ray Tune runs: plan -> compressed model -> artifact -> metrics.
 
 Every trial writes one JSON record, ``run_dir/records/<trial_id>.json`` (status, failure reason,
-plan, metrics, constraint values, timing), before it reports to Tune. The record is what the
-trials table is built from, what a duplicate plan reuses, and what a trial restarted by a
-resume finds if it had already finished before the driver was killed.
+plan, the sampler's parameters, metrics, constraint values, timing), atomically, before it
+reports to Tune. The record is what the trials table is built from, what a duplicate plan
+reuses, and what a trial restarted by a resume finds if it had already finished before the
+driver was killed. A finished record that a resumed Tune experiment does not know (the driver
+died before Tune saved the trial) is put in ``records/adopt/``; the trial that is given the
+same plan again adopts it instead of recomputing it (see :func:`adopt`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,12 @@ from autocompress.search._common import CONSTRAINT_PREFIX
 from autocompress.tasks import Task
 
 FINISHED = ("COMPLETE", "FAILED")
+MAX_RECORD_BYTES = 4 << 20
+"""A record larger than this is not read (a plan of a 100k-layer model is still far below)."""
+ADOPT = "adopt"
+HARD_TIMEOUT_FACTOR, HARD_TIMEOUT_GRACE = 2.0, 10.0
+"""A trial still running after ``2 x trial_timeout + 10 s`` is recorded FAILED and its worker
+process is ended (a hung metric or a deadlock cannot be interrupted any other way)."""
 
 
 @dataclass(frozen=True)
@@ -48,33 +59,89 @@ def record_path(run_dir: str | Path, trial_id: str) -> Path:
     return Path(run_dir) / "records" / f"{trial_id}.json"
 
 
-def read_record(run_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
-    """The record of ``trial_id``, or None if there is none (or it is unreadable)."""
+def _load(path: Path) -> dict[str, Any] | None:
+    """A record file, or None if it is missing, oversized, not JSON or not a record.
+
+    Records are plain JSON written by the trials themselves; a file that does not look like one
+    (tampered, or written by something else) is ignored, never trusted.
+    """
     try:
-        return json.loads(record_path(run_dir, trial_id).read_text())
+        if path.stat().st_size > MAX_RECORD_BYTES:
+            return None
+        rec = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return None
+    ok = isinstance(rec, dict) and rec.get("status") in FINISHED
+    ok = ok and isinstance(rec.get("trial_id"), str) and isinstance(rec.get("plan_json"), str)
+    ok = ok and isinstance(rec.get("values", {}), dict)
+    return rec if ok else None
+
+
+def read_record(run_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
+    """The record of ``trial_id``, or None if there is none (or it is unreadable)."""
+    rec = _load(record_path(run_dir, trial_id))
+    return rec if rec is not None and rec["trial_id"] == trial_id else None
 
 
 def read_records(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Every readable record in ``run_dir``, by trial id."""
+    """Every valid record in ``run_dir/records``, by trial id."""
     out = {}
     for p in sorted((Path(run_dir) / "records").glob("*.json")):
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        out[rec.get("trial_id", p.stem)] = rec
+        rec = _load(p)
+        if rec is not None and rec["trial_id"] == p.stem:
+            out[p.stem] = rec
     return out
 
 
-def write_record(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Atomically write a record (temp file + rename)."""
-    path = record_path(run_dir, record["trial_id"])
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically and durably: temp file, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, sort_keys=True, allow_nan=True))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, sort_keys=True, allow_nan=True))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_record(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Atomically write a record (temp file + fsync + rename)."""
+    _write_json(record_path(run_dir, record["trial_id"]), record)
+
+
+def plan_key(plan_json: str) -> str:
+    """File name of the adoption slot of a plan."""
+    return hashlib.sha256(plan_json.encode()).hexdigest()[:32]
+
+
+def adopt(run_dir: str | Path, trial_id: str, plan_json: str) -> dict[str, Any] | None:
+    """Take over the orphaned finished record of the same plan, if there is one.
+
+    The slot ``records/adopt/<plan_key>.json`` is claimed by an atomic rename, so two trials
+    never adopt the same record. The adopted record keeps its values, times and artifact
+    directory; it gets this trial's id and ``adopted_from``.
+    """
+    pool = Path(run_dir) / "records" / ADOPT
+    slot = pool / f"{plan_key(plan_json)}.json"
+    claim = pool / f".claim-{trial_id}.json"
+    if not slot.is_file():
+        return None
+    try:
+        os.rename(slot, claim)
+    except OSError:  # another trial claimed it first
+        return None
+    old = _load(claim)
+    if old is None or old["plan_json"] != plan_json:
+        claim.unlink(missing_ok=True)
+        return None
+    rec = {**old, "trial_id": trial_id, "adopted_from": old.get("adopted_from") or old["trial_id"]}
+    write_record(run_dir, rec)
+    claim.unlink(missing_ok=True)
+    return rec
 
 
 def report_of(record: dict[str, Any], search_metrics: list[str]) -> dict[str, Any]:
@@ -200,6 +267,46 @@ def evaluate_plan(
     return rec
 
 
+class _Watchdog:
+    """Ends a hung trial: after ``limit`` seconds, record it FAILED and exit its worker process.
+
+    Python cannot interrupt a thread stuck in C code or an endless user metric, so the only
+    reliable stop is the process: the record is written first (Tune then sees the worker die,
+    and a retry or a resume finds the FAILED record instead of running the plan again).
+    """
+
+    def __init__(self, limit: float, record: dict[str, Any], run_dir: str, timeout: float):
+        self.done = threading.Event()
+        self.args = (limit, record, run_dir, timeout)
+        threading.Thread(target=self._watch, daemon=True, name="trial-watchdog").start()
+
+    def _watch(self) -> None:
+        limit, record, run_dir, timeout = self.args
+        if self.done.wait(limit):
+            return
+        now = time.time()
+        rec = {
+            **record,
+            "status": "FAILED",
+            "reason": f"TrialFailure: still running after {limit:.0f}s, over "
+            f"trial_timeout={timeout}s: the trial's worker process was stopped",
+            "duration_s": limit,
+            "finished_at": now,
+        }
+        try:
+            write_record(run_dir, rec)
+        finally:
+            os._exit(3)
+
+
+def _finished_before(run_dir: str, trial_id: str, plan_json: str) -> dict[str, Any] | None:
+    """This trial's own record, or an orphan of the same plan to adopt (both from a resume)."""
+    old = read_record(run_dir, trial_id)
+    if old is not None and old["plan_json"] == plan_json:
+        return old
+    return adopt(run_dir, trial_id, plan_json)
+
+
 def run_trial(
     config: dict[str, Any], *, task: Task, objective: Objective, settings: TrialSettings
 ) -> None:
@@ -210,17 +317,32 @@ def run_trial(
     trial_id = tune.get_context().get_trial_id()
     names = objective.search_metrics[0]
     plan_json = config["plan_json"]
-    old = read_record(settings.run_dir, trial_id)
-    if old and old.get("plan_json") == plan_json and old.get("status") in FINISHED:
+    old = _finished_before(settings.run_dir, trial_id, plan_json)
+    if old is not None:
         tune.report(report_of(old, names))  # finished before the driver was killed: keep it
         return
+    params = {k: v for k, v in config.items() if k not in ("plan_json", "duplicate_of")}
     dup = config.get("duplicate_of")
     orig = read_record(settings.run_dir, dup) if dup else None
-    if orig and orig.get("plan_json") == plan_json and orig.get("status") in FINISHED:
+    if orig and orig.get("plan_json") == plan_json:
         now = time.time()
         rec = {**orig, "trial_id": trial_id, "duplicate_of": dup, "duration_s": 0.0}
         rec.update(started_at=now, finished_at=now, host=socket.gethostname())
+        rec.pop("adopted_from", None)
     else:
-        rec = evaluate_plan(plan_json, trial_id, task, objective, settings)
+        watchdog = None
+        if settings.trial_timeout is not None:
+            limit = HARD_TIMEOUT_FACTOR * settings.trial_timeout + HARD_TIMEOUT_GRACE
+            stub = {"trial_id": trial_id, "plan_json": plan_json, "params": params}
+            stub.update(values={}, constraints=[], feasible=False, violation=math.inf)
+            stub.update(artifact=None, duplicate_of=None, host=socket.gethostname())
+            stub["started_at"] = time.time()
+            watchdog = _Watchdog(limit, stub, settings.run_dir, settings.trial_timeout)
+        try:
+            rec = evaluate_plan(plan_json, trial_id, task, objective, settings)
+        finally:
+            if watchdog is not None:
+                watchdog.done.set()
+    rec["params"] = params
     write_record(settings.run_dir, rec)
     tune.report(report_of(rec, names))

@@ -123,7 +123,13 @@ def ray_cluster():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), old) if p)  # for `flaky`
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(  # "local": never join a cluster someone else started with `ray start`
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level="WARNING",
+    )
     if old is None:
         os.environ.pop("PYTHONPATH")
     else:
