@@ -19,6 +19,11 @@ ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 SCHEMES: tuple[str, ...] = ("uniform", "codebook")
 
 
+def _is_num(v: Any) -> bool:
+    """A real number (``True``/``False`` are not)."""
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """Knobs of one layer.
@@ -38,15 +43,15 @@ class LayerPlan:
     rank_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.sparsity, int | float) and 0.0 <= self.sparsity < 1.0):
+        if not (_is_num(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise PlanError(f"sparsity={self.sparsity!r} is outside [0, 1): use e.g. 0.9")
-        if self.bits not in ALLOWED_BITS:
+        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
             raise PlanError(
                 f"bits={self.bits!r} is not allowed: choose one of {list(ALLOWED_BITS)}"
             )
         if self.scheme not in SCHEMES:
             raise PlanError(f"scheme={self.scheme!r} is unknown: choose one of {list(SCHEMES)}")
-        if not (isinstance(self.rank_ratio, int | float) and 0.0 < self.rank_ratio <= 1.0):
+        if not (_is_num(self.rank_ratio) and 0.0 < self.rank_ratio <= 1.0):
             raise PlanError(
                 f"rank_ratio={self.rank_ratio!r} is outside (0, 1]: use 1.0 for no factorization"
             )
@@ -81,6 +86,10 @@ class FinetuneSettings:
     ramp: float = 0.33
 
     def __post_init__(self) -> None:
+        for name in ("lr", "temperature", "alpha", "ramp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise PlanError(f"finetune.{name}={v!r} must be a finite number")
         if not (isinstance(self.epochs, int) and 0 <= self.epochs <= 10_000):
             raise PlanError(f"finetune.epochs={self.epochs!r} must be an integer in [0, 10000]")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -118,7 +127,7 @@ class Plan:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.width, int | float) and 0.0 < self.width <= 1.0):
+        if not (_is_num(self.width) and 0.0 < self.width <= 1.0):
             raise PlanError(f"width={self.width!r} is outside (0, 1]: use 1.0 for no shrink")
         for name, lp in self.layers.items():
             if not isinstance(lp, LayerPlan):
@@ -234,6 +243,8 @@ class Plan:
         """Parse :meth:`to_json` output."""
         try:
             d = json.loads(text)
+        except RecursionError:
+            raise PlanError("plan JSON is nested too deeply: re-export it") from None
         except json.JSONDecodeError as e:
             raise PlanError(
                 f"plan is not valid JSON ({e.msg} at line {e.lineno}): re-export it"

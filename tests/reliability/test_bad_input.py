@@ -181,10 +181,6 @@ PLAN_KEYS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the autocompress/spaces/_plan.py type checks listed in docs/reliability.md",
-)
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.sampled_from(PLAN_KEYS), LEAF)
 def test_fuzzed_plan_json_is_refused_cleanly(key: tuple[str, ...], value: Any) -> None:
@@ -212,8 +208,6 @@ def test_hostile_plan_json_gives_plan_error(text: str) -> None:
         Plan.from_json(text)
     except PlanError as e:
         assert "\n" not in str(e)
-    except (RecursionError, TypeError) as e:  # pragma: no cover - documented pending fix
-        pytest.xfail(f"spaces/_plan.py: {type(e).__name__} (see docs/reliability.md)")
 
 
 # --- real processes: the command line a user types ---------------------------------------------
@@ -304,9 +298,6 @@ def test_missing_dependency_message_has_the_extra() -> None:
     assert str(err).endswith("pip install 'ray[tune]==2.60.0'")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="cli.py prints errors as rich markup: needs rich.markup.escape (see docs)"
-)
 @pytest.mark.parametrize("value", ["[/]", "[bold]x", "ray[tune]"])
 def test_cli_prints_error_messages_verbatim(tmp_path: Path, value: str) -> None:
     exp = write_experiment(tmp_path / "exp.yaml", trials=2, sampler=value)
