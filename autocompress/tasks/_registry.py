@@ -41,9 +41,14 @@ def get_task(spec: str) -> Task:
             f"unknown task {spec!r}: use one of {task_names()} or 'module:function'"
         )
     mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name.isidentifier():
+        raise AutocompressError(
+            f"task {spec!r} is not 'module:function' (e.g. 'mypkg.tasks:make_task'), "
+            f"nor one of {task_names()}"
+        )
     try:
         mod = importlib.import_module(mod_name)
-    except ImportError as e:
+    except (ImportError, ValueError) as e:
         raise AutocompressError(
             f"task {spec!r}: cannot import module {mod_name!r} ({e}); check PYTHONPATH"
         ) from e
