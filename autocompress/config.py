@@ -166,6 +166,13 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (messages stay on one line)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -191,13 +198,15 @@ def _format(e: ValidationError, source: str) -> str:
         else (f" (got {_short(given)})")
     )
     more = f" [+{len(e.errors()) - 1} more]" if len(e.errors()) > 1 else ""
-    return f"{source}: {where}: {msg}{given_s}{more}"
+    return one_line(f"{source}: {where}: {msg}{given_s}{more}")
 
 
 def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
     """Validate a plain-data experiment and check task, layer names and constraints."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            one_line(f"{source}: expected a mapping of keys, got {type(data).__name__}")
+        )
     try:
         exp = Experiment.model_validate(data)
     except ValidationError as e:
@@ -205,10 +214,14 @@ def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
     for name in ("sparsity", "rank_ratio", "width"):
         r = getattr(exp.space.knobs, name)
         if r is not None and r[0] > r[1]:
-            raise ConfigError(f"{source}: space.knobs.{name}: lower bound {r[0]} > upper {r[1]}")
+            raise ConfigError(
+                one_line(f"{source}: space.knobs.{name}: lower bound {r[0]} > upper {r[1]}")
+            )
     for s in exp.space.knobs.schemes:
         if s not in SCHEMES:
-            raise ConfigError(f"{source}: space.knobs.schemes: {s!r} not in {list(SCHEMES)}")
+            raise ConfigError(
+                one_line(f"{source}: space.knobs.schemes: {s!r} not in {list(SCHEMES)}")
+            )
     return exp
 
 
@@ -230,14 +243,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML file (UTF-8, at most 1 MiB, no duplicate keys)."""
     p = Path(path)
+    name = one_line(str(p))
     if not p.is_file():
         raise ConfigError(f"experiment file {str(p)!r} not found: check the path")
     if p.stat().st_size > MAX_FILE_BYTES:
-        raise ConfigError(f"{p}: {p.stat().st_size} bytes is too large for an experiment file")
+        raise ConfigError(f"{name}: {p.stat().st_size} bytes is too large for an experiment file")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+        raise ConfigError(f"{name}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -245,13 +259,13 @@ def load_experiment(path: str | Path) -> Experiment:
         where = f" at line {mark.line + 1}" if mark else ""
         problem = getattr(e, "problem", None)
         why = f" ({problem})" if problem and "duplicate" in problem else ""
-        raise ConfigError(f"{p}: not valid YAML{where}{why}: fix the syntax") from None
+        raise ConfigError(f"{name}: not valid YAML{where}{why}: fix the syntax") from None
     except RecursionError:
-        raise ConfigError(f"{p}: nested too deeply to be an experiment file") from None
+        raise ConfigError(f"{name}: nested too deeply to be an experiment file") from None
     try:
         return parse_experiment(data, str(p))
     except RecursionError:
-        raise ConfigError(f"{p}: nested too deeply to be an experiment file") from None
+        raise ConfigError(f"{name}: nested too deeply to be an experiment file") from None
 
 
 def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
@@ -295,5 +309,5 @@ def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
             weights=exp.objective.weights,
         )
     except AutocompressError as e:
-        raise ConfigError(f"{source}: {section}: {e}") from None
+        raise ConfigError(one_line(f"{source}: {section}: {e}")) from None
     return task, space, objective
