@@ -11,7 +11,7 @@ median of repeats; spread = interquartile range of the per-round values):
    Python API: the fastest front member within one point of the teacher's test accuracy,
    re-measured against the teacher.
 
-    python benchmarks/latency.py                 # all four, ~10 min on 2 cores
+    python benchmarks/latency.py                 # all four, ~12 min on 2 cores
     python benchmarks/latency.py --skip-search   # 1-3 only, ~30 s
     python benchmarks/latency.py --search        # 4 only
     python benchmarks/latency.py --quick         # 1-3, fewer repeats, no fine-tune
@@ -275,6 +275,7 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
     tid = max(screen, key=lambda t: screen[t][0])
     best = ok[ok["trial_id"] == tid].iloc[0]
     model = result.load_model(tid)
+    load_final = load_average()
     final = {
         rt: latency_and_speedup(
             model, teacher, x, BATCHES, runtime=rt, warmup=5, repeats=300, threads=1
@@ -351,7 +352,10 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
             f"### Trial {tid} measured again, independently (300 interleaved rounds)",
             "",
             "A fresh measurement of the chosen member (model reloaded from its artifact), so the "
-            "headline is not the maximum of noisy numbers.",
+            "headline is not the maximum of noisy numbers "
+            f"(1-minute load average {load_final:.1f} on 2 cores; above ~2, other jobs preempt "
+            "the longer teacher calls more often and speedups read high, see "
+            "docs/objectives.md).",
             "",
             table(re_rows, list(re_rows[0])),
         ]
@@ -377,7 +381,7 @@ def main() -> None:
             cmd = "python benchmarks/latency.py --search" + (
                 f" --trials {args.trials}" if args.trials else ""
             )
-            cmd += " --reuse" if args.reuse else ""
+            cmd += " (measurements repeated on the same run with --reuse)" if args.reuse else ""
             write_section("latency-search", "Latency: search on mnist1d-cnn", cmd, body)
         print(body)
         if args.search:

@@ -93,3 +93,61 @@ def test_fuzzed_experiments_fail_cleanly(data: dict) -> None:
         parse_experiment(yaml.safe_load(yaml.safe_dump(data)), "fuzz.yaml")
     except ConfigError as e:
         assert "\n" not in str(e)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"task": "digits-mlp", "search": {"time_budget": float("inf")}}, "finite number"),
+        ({"task": "digits-mlp", "search": {"seed": -1}}, "search.seed: .*greater than or equal"),
+        ({"task": "digits-mlp", "search": {"address": "no address"}}, "search.address: use 'auto'"),
+        ({"task": "digits-mlp", "objective": {"metrics": []}}, "objective.metrics"),
+        (
+            {"task": "digits-mlp", "space": {"knobs": {"sparsity": [0.1]}}},
+            r"space.knobs.sparsity: sparsity must be null or \[low, high\]",
+        ),
+        ({"task": "digits-mlp", "space": {"knobs": {"width": [0, 1]}}}, r"in \(0, 1\]"),
+        (
+            {"task": "digits-mlp", "search": {"oops": 1}},
+            r"search.oops: unknown key: allowed keys are \['address', 'baselines'",
+        ),
+        (
+            {"task": "digits-mlp", "space": {"pin": {"fc1": {"bitz": 3}}}},
+            r"space.pin.fc1.bitz: unknown key: allowed keys are \['bits', 'rank_ratio'",
+        ),
+        ({"task": "digits-mlp", "space": {"pin": {"\x85": 0}}}, r"space.pin.\\x85: Input"),
+        ({"task": "digits-mlp", "search": {"sampler": "x" * 500}}, r"\(got 'xxxx.*\.\.\.\)$"),
+    ],
+)
+def test_messages_name_the_key_and_what_is_allowed(data: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match) as e:
+        parse_experiment(data, "x.yaml")
+    assert str(e.value).isprintable() and len(str(e.value)) < 400
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"task: digits-mlp\ntask: digits-cnn\n", r"line 2 \(duplicate key 'task'\)"),
+        (b"\xff\xfetask: x", "not UTF-8 text"),
+        (b"a: " + b"[" * 5000, "nested too deeply|not valid YAML"),
+        (b"task: !!python/object/apply:os.system ['true']", "not valid YAML"),
+    ],
+)
+def test_hostile_files_are_refused_in_one_line(tmp_path: Path, raw: bytes, match: str) -> None:
+    p = tmp_path / "x.yaml"
+    p.write_bytes(raw)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_experiment(p)
+    assert "\n" not in str(e.value)
+
+
+def test_build_errors_name_the_section() -> None:
+    from autocompress.config import build
+
+    with pytest.raises(ConfigError, match=r"^x.yaml: objective: "):
+        build(
+            parse_experiment({"task": "digits-mlp", "objective": {"metrics": ["nope"]}}), "x.yaml"
+        )
+    with pytest.raises(ConfigError, match=r"^x.yaml: task: unknown task"):
+        build(parse_experiment({"task": "digits-mpl"}), "x.yaml")

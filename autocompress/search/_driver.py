@@ -183,7 +183,8 @@ def run(
     ``"nsga2"`` default, ``"tpe"``, ``"gp"``, ``"random"`` or an Optuna sampler) from
     ``space``; ``baselines`` (default: three uniform plans projected onto the space; ``[]`` for
     none) run first. Each trial compresses, fine-tunes (stopping at ``trial_timeout`` seconds,
-    FAILED past 1.5x), exports a real artifact and scores it on val. A trial that raises,
+    FAILED past 1.5x; a trial still running after 2x + 10 s is recorded FAILED and its worker
+    process ended), exports a real artifact and scores it on val. A trial that raises,
     diverges or yields NaN is recorded FAILED with its reason and never enters the front; an
     identical plan proposed twice reuses the first result.
 
@@ -195,9 +196,13 @@ def run(
 
     ``address`` (``"auto"``, ``"host:port"``, ``"ray://host:port"``) joins a running cluster,
     whose nodes must all see ``run_dir`` (a shared filesystem); a Ray already initialized in
-    this process is used as is and never shut down. ``resume=True`` continues a killed run in
-    the same ``run_dir`` with the same settings: finished trials are kept, the budget is
-    completed. ``max_failures`` retries trials whose worker crashed. ``device="cuda"`` fine-tunes
+    this process is used as is and never shut down. Ctrl-C (or SIGTERM) stops the search
+    gracefully: the tables and the front of the trials so far are written and the result's
+    ``message`` says how to resume. ``resume=True`` continues a killed or interrupted run in
+    the same ``run_dir`` with the same settings: finished trials are kept (never run again),
+    the budget is completed. ``max_failures`` retries trials whose worker crashed; past that
+    they are FAILED, also after a resume. ``run_dir`` must be writable with room for the run
+    (checked before anything starts). See docs/reliability.md. ``device="cuda"`` fine-tunes
     each candidate on the GPU share Ray assigns to the trial (``gpus_per_trial``).
 
     Example:

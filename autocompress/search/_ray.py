@@ -71,8 +71,14 @@ def start_ray(address: str | None, cpus: int, verbose: bool) -> bool:
                 "`ray start --head` or leave address unset to run locally"
             ) from None
         return True
-    old = os.environ.get("PYTHONPATH")  # workers import user 'module:function' code from cwd
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), old) if p)
+    # The workers Ray starts inherit this environment: they import user 'module:function'
+    # code from the cwd, and glibc keeps at most 2 malloc arenas. Tune runs every trial in a
+    # new thread; with glibc's default (8 per core) each new thread's arena kept its freed
+    # memory and a reused worker's heap grew by ~80 MB over its first ~40 trials
+    # (benchmarks/reliability.py).
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MALLOC_ARENA_MAX")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), saved["PYTHONPATH"]) if p)
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     try:
         # "local": always a new private instance; without it ray.init silently joins the last
         # cluster `ray start` left on this machine (and then refuses num_cpus)
@@ -84,10 +90,11 @@ def start_ray(address: str | None, cpus: int, verbose: bool) -> bool:
             logging_level=level,
         )
     finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 

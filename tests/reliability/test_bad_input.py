@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rkit import cli, env, write_experiment
 from typer.testing import CliRunner
@@ -110,6 +110,8 @@ def _cli_run(path: Path, run_dir: Path) -> tuple[int, str, BaseException | None]
     task=TASKS,
     unknown=st.sampled_from([None, "oops", "serch", "knobz"]),
 )
+@example(key=("space", "pin"), value={"\x85": 0}, task="digits-mlp", unknown=None)
+@example(key=("search", "sampler"), value="[/]", task="digits-mlp", unknown=None)
 def test_fuzzed_experiment_files_fail_with_one_line_naming_the_key(
     stop_before_the_search, tmp_path_factory, key, value, task, unknown
 ) -> None:
@@ -161,10 +163,6 @@ def test_fuzzed_yaml_text_never_escapes_as_a_traceback(tmp_path_factory, data: A
         load_experiment(path)
     except ConfigError as e:
         assert "\n" not in str(e) and str(path) in str(e)
-
-
-def test_fuzz_tally(tally) -> None:
-    tally["bad inputs tried"] += tally_fuzz["n"]
 
 
 PLAN = json.loads(Plan.uniform(["fc1", "fc2"], sparsity=0.5, bits=4).to_json())
@@ -254,16 +252,19 @@ app(["run", sys.argv[1], "--run-dir", "run"])
 @pytest.mark.parametrize(
     ("blocked", "metrics", "expect"),
     [
-        ("ray,ray.tune", ["accuracy", "size_bytes"], "'ray.tune'.*pip install 'ray"),
+        ("ray,ray.tune", ["accuracy", "size_bytes"], "'ray.tune'.*pip install 'ray\\[tune\\]"),
         ("optuna", ["accuracy", "size_bytes"], "'optuna'.*pip install optuna"),
         pytest.param(
             "onnxruntime",
             ["accuracy", "latency_ms"],
             "'onnxruntime'.*pip install onnxruntime",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="deploy/_export.py turns ImportError into 'cannot be exported to ONNX'",
-            ),
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="deploy/_export.py turns ImportError into 'cannot be exported to ONNX'",
+                ),
+            ],
         ),
         (
             "sys",  # blocks nothing new: the metric's own import is missing
@@ -303,3 +304,8 @@ def test_cli_prints_error_messages_verbatim(tmp_path: Path, value: str) -> None:
     exp = write_experiment(tmp_path / "exp.yaml", trials=2, sampler=value)
     res = CliRunner().invoke(app, ["run", str(exp)])
     assert res.exit_code == 2 and f"(got {value!r})" in res.output, res.output
+
+
+def test_zz_fuzz_tally(tally) -> None:
+    """Runs last in this module: adds the fuzzed examples to the session's figures."""
+    tally["bad inputs tried"] += tally_fuzz["n"]

@@ -49,7 +49,12 @@ def _resume_to_end(drivers, exp: Path, rd: Path, log: Path, tally) -> str:
     return drv.output()
 
 
-def test_sigint_saves_then_sigkill_then_resume_completes(drivers, tmp_path: Path, tally) -> None:
+@pytest.mark.parametrize(
+    "then_sigkill", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["", "then-sigkill"]
+)
+def test_sigint_saves_then_resume_completes(
+    drivers, tmp_path: Path, then_sigkill: bool, tally
+) -> None:
     exp = write_experiment(tmp_path / "exp.yaml", trials=TRIALS, epochs=4, keep_artifacts="all")
     rd = tmp_path / "run"
 
@@ -73,13 +78,14 @@ def test_sigint_saves_then_sigkill_then_resume_completes(drivers, tmp_path: Path
     for tid in partial.pareto["trial_id"]:
         partial.load_model(tid)
 
-    drv = _run(drivers, exp, rd, tmp_path / "s2.log", resume=True)  # session 2: SIGKILL
-    n0 = _n_records(rd)
-    drv.poll_until(lambda: _n_records(rd) > n0, 600, "one more finished trial")
-    drv.signal(signal.SIGKILL)
-    drv.close()
-    tally["faults injected"] += 1
-    tally["runs resumed"] += 1
+    if then_sigkill:  # session 2: resumed, then SIGKILLed after one more trial
+        drv = _run(drivers, exp, rd, tmp_path / "s2.log", resume=True)
+        n0 = _n_records(rd)
+        drv.poll_until(lambda: _n_records(rd) > n0, 600, "one more finished trial")
+        drv.signal(signal.SIGKILL)
+        drv.close()
+        tally["faults injected"] += 1
+        tally["runs resumed"] += 1
     before, arts = _snapshot(rd)
     assert len(before) < TRIALS, "the run finished before the kill: nothing was tested"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 from rkit import ROOT
@@ -14,6 +15,7 @@ def test_rss_does_not_grow_with_trials() -> None:
         "bench_reliability", ROOT / "benchmarks" / "reliability.py"
     )
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses look their module up while it executes
     spec.loader.exec_module(bench)
     res = bench.measure(trials=50, workers=2, epochs=5)
     print("\n" + bench.describe(res, 2, 5))

@@ -214,7 +214,7 @@ def no_unpickling(monkeypatch):
 
 
 def _finished_run(tmp_path: Path) -> Path:
-    exp = write_experiment(tmp_path / "exp.yaml", trials=3, epochs=1, keep_artifacts="all")
+    exp = write_experiment(tmp_path / "exp.yaml", trials=2, epochs=1, keep_artifacts="all")
     proc = subprocess.run(
         [*cli(), "run", str(exp), "--run-dir", str(tmp_path / "run")],
         capture_output=True,
@@ -299,7 +299,7 @@ def test_artifact_writes_killed_at_random_moments_never_look_valid(tmp_path: Pat
     expected = [m.state_dict() for m in models]
     rng = random.Random(0)
     outcomes = {"valid": 0, "refused": 0}
-    for i in range(8):
+    for i in range(6):
         out = tmp_path / f"w{i}"
         out.mkdir()
         proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env())
@@ -326,7 +326,7 @@ def test_artifact_writes_killed_at_random_moments_never_look_valid(tmp_path: Pat
         assert any(all(torch.equal(state[k], exp[k]) for k in exp) for exp in expected)
         outcomes["valid"] += 1
     assert outcomes["valid"] >= 1, outcomes
-    leftovers = [p.name for i in range(8) for p in (tmp_path / f"w{i}").iterdir()]
+    leftovers = [p.name for i in range(6) for p in (tmp_path / f"w{i}").iterdir()]
     assert all(n in ("ready", "art") or n.startswith(".") for n in leftovers)
     print(f"\nartifact writes killed: {outcomes}")
 
