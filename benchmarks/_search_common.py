@@ -227,10 +227,15 @@ def search(
     sampler: Any = "nsga2",
     seed: int = 0,
     baselines: list | None = None,
+    warm_start: bool = False,
     workers: int = 2,
     trial_timeout: float | None = None,
 ) -> Any:
-    """One product search (accuracy vs size, accuracy drop <= 1 point on val)."""
+    """One product search (accuracy vs size, accuracy drop <= 1 point on val).
+
+    ``warm_start``: the product's default opening (``search.run(baselines=None)``: uniform
+    plans spread over the space); otherwise exactly ``baselines`` (none by default) run first.
+    """
     import shutil
 
     from autocompress import search as ac_search
@@ -253,7 +258,7 @@ def search(
         workers=workers,
         sampler=sampler,
         seed=seed,
-        baselines=[] if baselines is None else baselines,
+        baselines=None if warm_start else (baselines or []),
         run_dir=run_dir,
         progress=False,
         trial_timeout=trial_timeout,

@@ -265,6 +265,7 @@ def _make(family: str, name: str | None, suffix: str | None, settings: LatencySe
         direction,
         _Measured(settings, family, name),
         details=_Details(settings, suffix, name),
+        scale="log",
     )
 
 
@@ -369,7 +370,7 @@ def _onnx_bytes(model: Any, artifact: Artifact | None, task: Task) -> float:
 
 register_metric(latency_metric(), overwrite=True)
 register_metric(speedup_metric(), overwrite=True)
-register_metric(Metric("macs", "minimize", _macs), overwrite=True)
-register_metric(Metric("bitops", "minimize", _bitops), overwrite=True)
-register_metric(Metric("onnx_bytes", "minimize", _onnx_bytes), overwrite=True)
+register_metric(Metric("macs", "minimize", _macs, scale="log"), overwrite=True)
+register_metric(Metric("bitops", "minimize", _bitops, scale="log"), overwrite=True)
+register_metric(Metric("onnx_bytes", "minimize", _onnx_bytes, scale="log"), overwrite=True)
 register_family(_resolve, "latency_ms_b1_torch")

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from autocompress.tasks import Task
 
 DIRECTIONS = ("maximize", "minimize")
+SCALES = ("linear", "log")
 _ALIASES = {"max": "maximize", "min": "minimize", "maximize": "maximize", "minimize": "minimize"}
 
 
@@ -62,6 +63,12 @@ class Metric:
         details: optional ``(model, artifact, task) -> {name: float}``, called after ``fn``:
             extra numbers recorded next to the metric (e.g. a latency's spread), never
             optimized. Same keyword rules as ``fn``.
+        scale: ``"linear"`` (default) or ``"log"``: the scale the sampler sees the metric on.
+            Sizes, latencies and ratios that span decades are ``"log"``: NSGA-II's crowding
+            distance then spreads the front evenly over compression ratios (2x, 10x, 100x)
+            instead of crowding every small model into the first percent of a linear byte
+            axis. Results and tables always hold the metric itself; only the value told to
+            Optuna is ``log10`` (non-positive values are told as they are).
 
     Example:
         >>> m = Metric("nonzero_fc1", "minimize", lambda model, art, task: 3.0)
@@ -73,8 +80,13 @@ class Metric:
     direction: str
     fn: Callable[..., float] = field(compare=False)
     details: Callable[..., Mapping[str, float]] | None = field(default=None, compare=False)
+    scale: str = "linear"
 
     def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ConfigError(
+                f"metric {self.name!r}: scale={self.scale!r} is unknown: use one of {list(SCALES)}"
+            )
         if not (isinstance(self.name, str) and self.name.replace("_", "a").isalnum()):
             raise ConfigError(
                 f"metric name {self.name!r} must use only letters, digits and '_': rename it"
@@ -182,9 +194,9 @@ def _params(model: nn.Module, artifact: Artifact, task: Task) -> float:
 
 _REGISTRY: dict[str, Metric] = {
     "accuracy": Metric("accuracy", "maximize", _accuracy),
-    "size_bytes": Metric("size_bytes", "minimize", _size_bytes),
-    "compression_ratio": Metric("compression_ratio", "maximize", _compression_ratio),
-    "params": Metric("params", "minimize", _params),
+    "size_bytes": Metric("size_bytes", "minimize", _size_bytes, scale="log"),
+    "compression_ratio": Metric("compression_ratio", "maximize", _compression_ratio, scale="log"),
+    "params": Metric("params", "minimize", _params, scale="log"),
 }
 
 
@@ -231,7 +243,11 @@ def metric_names() -> list[str]:
 
 
 def register_metric(
-    metric: Metric | str, direction: str | None = None, *, overwrite: bool = False
+    metric: Metric | str,
+    direction: str | None = None,
+    *,
+    overwrite: bool = False,
+    scale: str = "linear",
 ) -> Any:
     """Register a metric by name: pass a :class:`Metric`, or use as a decorator.
 
@@ -254,7 +270,7 @@ def register_metric(
     name = metric
 
     def decorator(fn: Callable[..., float]) -> Callable[..., float]:
-        register_metric(Metric(name, direction, fn), overwrite=overwrite)
+        register_metric(Metric(name, direction, fn, scale=scale), overwrite=overwrite)
         return fn
 
     return decorator

@@ -133,6 +133,18 @@ class Objective:
             return ["score"], ["max"]
         return self.names, ["max" if d == "maximize" else "min" for d in self.directions]
 
+    @property
+    def log_scaled(self) -> list[str]:
+        """Search metrics the sampler sees as ``log10`` (see :attr:`Metric.scale`).
+
+        Example:
+            >>> Objective(["accuracy", "size_bytes"]).log_scaled
+            ['size_bytes']
+        """
+        if self.weights:
+            return []
+        return [m.name for m in self.metrics if m.scale == "log"]  # type: ignore[union-attr]
+
     def describe(self) -> dict[str, Any]:
         """Plain-data description (stored in ``run.json`` and ``result.json``)."""
         return {

@@ -180,17 +180,21 @@ def run(
     cache) here, exported once to ``run_dir/teacher`` (its size is the reference of
     ``compression_ratio``) and shipped to the workers once through Ray's object store. Ray Tune
     runs ``trials`` trials, ``workers`` at a time, each sampled by Optuna (``sampler``:
-    ``"nsga2"`` default, ``"tpe"``, ``"gp"``, ``"random"`` or an Optuna sampler) from
-    ``space``; ``baselines`` (default: three uniform plans projected onto the space; ``[]`` for
-    none) run first. Each trial compresses, fine-tunes (stopping at ``trial_timeout`` seconds,
-    FAILED past 1.5x; a trial still running after 2x + 10 s is recorded FAILED and its worker
-    process ended), exports a real artifact and scores it on val. A trial that raises,
-    diverges or yields NaN is recorded FAILED with its reason and never enters the front; an
-    identical plan proposed twice reuses the first result.
+    ``"nsga2"`` default, ``"tpe"``, ``"gp"``, ``"random"`` or an Optuna sampler) from ``space``;
+    ``baselines`` run first (default: a warm start of uniform plans, half of NSGA-II's first
+    population, three classic ones plus a spread over width, sparsity and bits, see
+    :func:`~autocompress.search._searcher.default_baselines`; ``[]`` for none). Metrics with
+    ``scale="log"`` (sizes, latencies) are told to the sampler as ``log10``. Each trial
+    compresses, fine-tunes (stopping at ``trial_timeout`` seconds, FAILED past 1.5x; a trial
+    still running after 2x + 10 s is recorded FAILED and its worker process ended), exports a
+    real artifact and scores it on val. A trial that raises, diverges or yields NaN is recorded
+    FAILED with its reason and never enters the front; an identical plan proposed twice reuses
+    the first result.
 
     Afterwards the front of feasible trials is re-scored on test from the artifacts on disk,
     and ``run_dir`` holds ``run.json``, ``trials.csv``, ``pareto.csv``, ``result.json``,
-    ``optuna.db`` (``optuna-dashboard sqlite:///<run_dir>/optuna.db``), ``teacher/`` and
+    ``optuna.journal`` (the Optuna study: ``optuna-dashboard <run_dir>/optuna.journal``),
+    ``teacher/`` and
     ``pareto/<trial_id>/`` (``keep_artifacts``: ``"pareto"``; ``"all"`` also keeps
     ``trials/``; ``"none"`` keeps no trial artifact).
 
@@ -235,9 +239,16 @@ def run(
         gpus_per_trial=gpus_per_trial,
         max_failures=max_failures,
     )
-    from autocompress.search._searcher import baseline_params, default_baselines
+    from autocompress.search._searcher import (
+        baseline_params,
+        default_baselines,
+        warm_start_size,
+    )
 
-    plans = default_baselines(space) if baselines is None else list(baselines)
+    if baselines is None:
+        plans = default_baselines(space, warm_start_size(trials), seed)
+    else:
+        plans = list(baselines)
     points = baseline_params(space, plans, strict=baselines is not None)[:trials]
     import ray
 
@@ -331,7 +342,7 @@ def run(
         if started:
             ray.shutdown()
     log.debug("search done at %.1fs", time.monotonic() - t0)
-    fail_stale_optuna_trials(rd / "optuna.db")
+    fail_stale_optuna_trials(rd)
     from autocompress.search._finalize import finalize
 
     statuses = [t.get("status", "") for t in tune_trials.values()]

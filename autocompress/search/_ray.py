@@ -110,14 +110,16 @@ def check_resources(cpus_per_trial: float, gpus_per_trial: float) -> None:
             )
 
 
-def fail_stale_optuna_trials(db: Path) -> None:
+def fail_stale_optuna_trials(run_dir: Path) -> None:
     """Mark Optuna trials left RUNNING by a killed driver as FAIL (dashboards show them)."""
     import optuna
 
-    if not db.is_file():
+    from autocompress.search._common import STUDY_FILE, study_storage
+
+    if not (run_dir / STUDY_FILE).is_file():
         return
     with contextlib.suppress(Exception):
-        storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+        storage = study_storage(run_dir)
         study_id = storage.get_study_id_from_name(STUDY_NAME)
         for t in storage.get_all_trials(study_id, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)

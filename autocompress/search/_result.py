@@ -131,6 +131,27 @@ class SearchResult:
         shutil.copytree(src, dst)
         return dst
 
+    def study(self) -> Any:
+        """The run's Optuna study (``optuna.journal``), for Optuna's own analysis and plots.
+
+        Values told to Optuna are on the sampler's scale: metrics searched on a log scale
+        (``size_bytes``, latencies, ...) appear there as ``log10`` of the value; the tables of
+        this result always hold the metrics themselves.
+
+        Example:
+            >>> study = SearchResult.load("runs/latest").study()  # doctest: +SKIP
+            >>> len(study.trials)  # doctest: +SKIP
+        """
+        import optuna
+
+        from autocompress.search._common import STUDY_FILE, STUDY_NAME, study_storage
+
+        if not (self.run_dir / STUDY_FILE).is_file():
+            raise AutocompressError(f"{str(self.run_dir)!r} has no {STUDY_FILE}")
+        return optuna.load_study(
+            study_name=STUDY_NAME, storage=study_storage(self.run_dir, writer=False)
+        )
+
     # --- analysis --------------------------------------------------------------------------
     @property
     def names(self) -> list[str]:

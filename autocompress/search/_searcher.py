@@ -122,13 +122,56 @@ def baseline_params(
     return out
 
 
-def default_baselines(space: CompressionSpace) -> list[Plan]:
-    """Sensible uniform plans to evaluate first: 80%/6-bit, 90%/4-bit and dense 8-bit."""
-    return [
-        space.uniform(sparsity=0.8, bits=6),
-        space.uniform(sparsity=0.9, bits=4),
-        space.uniform(sparsity=0.0, bits=8),
-    ]
+CLASSIC = ((0.8, 6), (0.9, 4), (0.0, 8))
+"""(sparsity, bits) of the hand-made uniform plans always tried first: 80%/6-bit, 90%/4-bit and
+dense 8-bit (projected onto the space)."""
+
+
+def warm_start_size(trials: int) -> int:
+    """How many uniform plans open a search of ``trials`` trials: half of NSGA-II's first
+    population (:func:`make_sampler`), at least the three classic plans, at most 16."""
+    return max(len(CLASSIC), min(16, max(4, min(50, trials // 5)) // 2))
+
+
+def default_baselines(space: CompressionSpace, n: int = len(CLASSIC), seed: int = 0) -> list[Plan]:
+    """Uniform plans (the same knobs on every layer) to evaluate first, seeding the sampler.
+
+    The three classic plans of :data:`CLASSIC` come first; the other ``n - 3`` are spread over
+    the space's uniform sub-space (global width, sparsity, bit-width) by a scrambled Halton
+    sequence, so the first generation already holds small (narrow, sparse, low-bit) and
+    large models and the search refines per layer from there. Values are projected onto the
+    space by :func:`baseline_params`.
+
+    Example:
+        >>> from autocompress.spaces import CompressionSpace, Knobs
+        >>> from autocompress.tasks import get_task
+        >>> model = get_task("digits-mlp").build_model()
+        >>> space = CompressionSpace.from_model(model, Knobs(bits=(2, 4, 8), width=(0.2, 1.0)))
+        >>> plans = default_baselines(space, n=6)
+        >>> len(plans), sorted({p.width for p in plans})[0] < 1.0
+        (6, True)
+    """
+    k = space.knobs
+    plans = [space.uniform(sparsity=sp, bits=b) for sp, b in CLASSIC[:n]]
+    extra = n - len(plans)
+    if extra <= 0:
+        return plans
+    from scipy.stats import qmc
+
+    lo_s, hi_s = k.sparsity if k.sparsity is not None else (0.0, 0.0)
+    lo_w, hi_w = k.width if k.width is not None else (1.0, 1.0)
+    bits = sorted(b for b in k.bits if b <= 8) or sorted(k.bits)
+    points = qmc.Halton(d=3, scramble=True, seed=seed).random(extra)
+    for u_w, u_s, u_b in points.tolist():
+        b = bits[min(len(bits) - 1, int(u_b * len(bits)))]
+        plans.append(
+            space.uniform(
+                sparsity=round(lo_s + u_s * (hi_s - lo_s), 4),
+                bits=b,
+                width=round(lo_w + u_w * (hi_w - lo_w), 4),
+            )
+        )
+    return plans
 
 
 class ConstrainedOptunaSearch(OptunaSearch):
@@ -139,12 +182,15 @@ class ConstrainedOptunaSearch(OptunaSearch):
     * A trial that reports ``status == "FAILED"`` (or raised) is told FAIL, never a NaN value.
     * ``suggest`` adds ``duplicate_of`` to the config when the sampled plan was already
       evaluated in this run, so the trial reuses that trial's record instead of recomputing.
+    * Metrics named in ``log_metrics`` are told to Optuna as ``log10`` of their (positive)
+      value, so NSGA-II's crowding distance works on compression ratios, not raw bytes.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log_metrics: Sequence[str] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._seen_plans: dict[str, str] = {}
         self._plan_of: dict[str, str] = {}
+        self._log_metrics = tuple(log_metrics)
 
     def suggest(self, trial_id: str) -> dict | None:
         config = super().suggest(trial_id)
@@ -178,4 +224,14 @@ class ConstrainedOptunaSearch(OptunaSearch):
         if failed:
             super().on_trial_complete(trial_id, None, error=True)
         else:
-            super().on_trial_complete(trial_id, result, error=False)
+            super().on_trial_complete(trial_id, self._told(result), error=False)
+
+    def _told(self, result: dict) -> dict:
+        """``result`` with the log-scaled metrics replaced by ``log10`` of their value."""
+        logs = getattr(self, "_log_metrics", ())  # absent in a searcher pickled before 0.2
+        out = dict(result)
+        for name in logs:
+            v = out.get(name)
+            if isinstance(v, int | float) and math.isfinite(v) and v > 0:
+                out[name] = math.log10(v)
+        return out

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from autocompress.objectives import Objective, Reference
-from autocompress.search._common import STUDY_NAME
+from autocompress.search._common import STUDY_FILE, STUDY_NAME, study_storage
 from autocompress.search._trial import (
     ADOPT,
     TrialSettings,
@@ -165,14 +165,14 @@ def fit(
     )
     exp_dir = run_dir / EXPERIMENT
     known = saved_trial_ids(exp_dir) if resume else None
-    db = run_dir / "optuna.db"
     with quiet:
         tuner = None
         if known is not None:
             orphans = put_up_for_adoption(run_dir, known)
             try:
+                storage = study_storage(run_dir)  # trims a cut last line, clears a stale lock
                 if orphans:  # proposed again first, then adopted by the trials that get them
-                    study = optuna.load_study(study_name=STUDY_NAME, storage=f"sqlite:///{db}")
+                    study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
                     for params in orphans:
                         study.enqueue_trial(params)
                 # errored trials stay failed (a crash is a result): only unfinished ones rerun
@@ -184,7 +184,7 @@ def fit(
             if resume:  # no usable Tune state: a new experiment that adopts every record
                 adopted = put_up_for_adoption(run_dir, set())
                 shutil.rmtree(exp_dir, ignore_errors=True)
-                db.unlink(missing_ok=True)
+                (run_dir / STUDY_FILE).unlink(missing_ok=True)
                 points = adopted + [p for p in points if p not in adopted]
             names, modes = objective.search_metrics
             single = len(names) == 1
@@ -197,7 +197,8 @@ def fit(
                 sampler=sampler,
                 points_to_evaluate=points or None,
                 study_name=STUDY_NAME,
-                storage=optuna.storages.RDBStorage(f"sqlite:///{db}"),
+                storage=study_storage(run_dir),
+                log_metrics=objective.log_scaled,
             )
             callbacks = []
             if progress:
