@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch import nn
 
+from autocompress.deploy._deps import missing_module, onnxruntime
 from autocompress.errors import AutocompressError
 
 OPSET = 18
@@ -140,8 +141,7 @@ def set_form(proto: onnx.ModelProto, form: str) -> onnx.ModelProto:
 
 def verify(proto: onnx.ModelProto, model: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
     """Raise ``AutocompressError`` unless ONNX Runtime matches ``model`` on a new batch size."""
-    import onnxruntime as ort
-
+    ort = onnxruntime("ONNX export")
     from autocompress.deploy._runtime import session_options  # (imports this module)
 
     batch = tuple(torch.cat([a, a[:1]]) for a in args)  # traced at len(a); check len(a) + 1
@@ -182,6 +182,7 @@ def export_fp32(
         raise AutocompressError(f"exporter={exporter!r} is unknown: use one of {list(EXPORTERS)}")
     chain = {"auto": (_torchscript, _dynamo), "torchscript": (_torchscript,), "dynamo": (_dynamo,)}
     args = as_args(example_input)
+    onnxruntime("ONNX export")  # it verifies every export: if missing, say so first
     errors = []
     with eval_mode(model), quiet():
         for fn in chain[exporter]:
@@ -189,6 +190,8 @@ def export_fp32(
                 proto = fn(model, args)
                 verify(proto, model, args)
                 return set_form(strip(proto), "fp32")
+            except ImportError as e:  # a missing module (onnxscript ...), not the model's fault
+                raise missing_module(e, f"the {fn.__name__[1:]} ONNX exporter") from None
             except Exception as e:  # noqa: BLE001 - try the next exporter, report all
                 errors.append(f"{fn.__name__[1:]}: {type(e).__name__}: {e}")
     why = " | ".join(" ".join(e.split())[:300] for e in errors)

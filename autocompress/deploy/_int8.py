@@ -34,6 +34,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from autocompress.compress._meta import QuantRecord, quant_records
+from autocompress.deploy._deps import onnxruntime
 from autocompress.deploy._export import set_form
 
 _LINEAR_OPS = ("MatMul", "Gemm")
@@ -157,6 +158,7 @@ def _quiet_root_logger():
 
 
 def _quantize(proto: onnx.ModelProto, chosen: dict[str, Target]) -> onnx.ModelProto:
+    onnxruntime("int8 quantization")
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

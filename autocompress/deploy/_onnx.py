@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autocompress.artifacts._io import atomic_write
 from autocompress.deploy._export import export_fp32
 from autocompress.deploy._int8 import int8_form
 from autocompress.deploy._latency import measure_latency
@@ -89,20 +88,6 @@ def fastest_form(
     return best
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, fsync and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def to_onnx(
     model: nn.Module,
     example_input: Inputs,
@@ -146,7 +131,7 @@ def to_onnx(
     if not path.parent.is_dir():
         raise AutocompressError(f"directory {str(path.parent)!r} does not exist: create it first")
     data = onnx_form(model, example_input, int8=int8, batch_size=batch_size, threads=threads)
-    write_atomic(path, data)
+    atomic_write(path, data)
     return path
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from autocompress.deploy._deps import onnxruntime
 from autocompress.deploy._export import FORM_KEY
 from autocompress.errors import ArtifactError, AutocompressError
 
@@ -24,7 +25,7 @@ CPU = ("CPUExecutionProvider",)
 
 def session_options(threads: int):
     """ONNX Runtime options with intra- and inter-op threads pinned and sequential execution."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     if not (isinstance(threads, int) and threads >= 1):
         raise AutocompressError(f"threads={threads!r} must be an integer >= 1")
@@ -70,8 +71,7 @@ class OnnxModel:
         threads: int = 1,
         providers: Sequence[str] = CPU,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = onnxruntime()
         self.path = None if isinstance(model, bytes) else Path(model)
         self.threads = threads
         if self.path is not None and not self.path.is_file():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from onnx import load_from_string, numpy_helper
@@ -167,3 +169,24 @@ def test_bad_arguments_are_refused(tmp_path) -> None:
         OnnxModel(to_onnx(nn.Linear(2, 2), torch.randn(2, 2), tmp_path / "y.onnx")).train()
     with pytest.raises(AutocompressError, match="threads"):
         load_onnx(tmp_path / "y.onnx", threads=0)
+
+
+def test_missing_onnxruntime_names_the_module_and_the_fix(tmp_path, monkeypatch) -> None:
+    """Not "cannot be exported to ONNX": a ModuleNotFoundError (so callers that catch
+    ImportError see it), one line, with the install command; nothing is written."""
+    path = tmp_path / "m.onnx"
+    good = to_onnx(nn.Linear(4, 2), torch.randn(2, 4), tmp_path / "good.onnx")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
+    calls = [
+        lambda: to_onnx(nn.Linear(4, 2), torch.randn(2, 4), path),
+        lambda: export_fp32(nn.Linear(4, 2), torch.randn(2, 4)),
+        lambda: load_onnx(good),
+    ]
+    for call in calls:
+        with pytest.raises(ModuleNotFoundError) as info:
+            call()
+        msg = str(info.value)
+        assert info.value.name == "onnxruntime" and not isinstance(info.value, AutocompressError)
+        assert "'onnxruntime', which is not installed: pip install onnxruntime" in msg
+        assert "\n" not in msg and "cannot be exported" not in msg
+    assert not path.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]

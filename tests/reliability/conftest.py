@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from raykit import private_ray
 from rkit import HERE, TALLY, Driver
 
 
@@ -26,29 +26,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 @pytest.fixture(scope="module")
 def ray_local():
     """A private 2-CPU Ray for in-process searches; workers can import ``faultkit``."""
-    import ray
-
-    if ray.is_initialized():
+    with private_ray(HERE):
         yield
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), old) if p)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level="WARNING",
-        )
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH")
-        else:
-            os.environ["PYTHONPATH"] = old
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

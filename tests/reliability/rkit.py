@@ -2,7 +2,8 @@
 
 Only processes started by these tests are ever signalled: a driver subprocess runs in its own
 session, its descendants are collected from /proc while it runs (so orphans left by a SIGKILL
-are known by PID), and exactly those PIDs are killed afterwards. Ray is never stopped globally.
+are known by PID), and exactly those PIDs are killed afterwards (``tests/raykit.py``, shared with
+``tests/search``). Ray is never stopped globally.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from raykit import descendants, kill_pids
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -28,32 +29,6 @@ TALLY = {"faults injected": 0, "runs resumed": 0, "bad inputs tried": 0, "trials
 
 
 # --- processes -------------------------------------------------------------------------------
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def kill_pids(pids: list[int] | set[int]) -> None:
-    """SIGKILL exactly these PIDs (each one started by a test), ignoring those already gone."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Poll ``cond`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +15,7 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
+from raykit import descendants, kill_pids, private_ray
 
 from autocompress import AutocompressError, ConfigError, FinetuneSettings, Task
 from autocompress.objectives import Metric, Objective
@@ -115,27 +114,8 @@ def test_samplers_drive_the_space_with_constraints(digits_mlp: Task, sampler: st
 # --- real searches -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    if ray.is_initialized():
+    with private_ray(HERE):  # workers can import this module (for `flaky`)
         yield
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE), old) if p)  # for `flaky`
-    ray.init(  # "local": never join a cluster someone else started with `ray start`
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level="WARNING",
-    )
-    if old is None:
-        os.environ.pop("PYTHONPATH")
-    else:
-        os.environ["PYTHONPATH"] = old
-    yield
-    ray.shutdown()
 
 
 def _brute_front(trials: pd.DataFrame, names: list[str], directions: list[str]) -> set[str]:
@@ -268,25 +248,6 @@ def test_impossible_constraint_names_closest(ray_cluster, digits_mlp: Task, tmp_
 
 
 # --- resume after the driver is killed ---------------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 RESUME_SCRIPT = """
 import sys
 from autocompress import FinetuneSettings
@@ -323,14 +284,12 @@ def test_resume_after_sigkill(ray_cluster, digits_mlp: Task, tmp_path: Path) -> 
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
         time.sleep(1.5)  # let Tune write its state (TUNE_GLOBAL_CHECKPOINT_S=1)
-        pids = _descendants(proc.pid)
+        pids = descendants(proc.pid)
         proc.send_signal(signal.SIGKILL)
         killed_at = time.time()
         proc.wait(timeout=30)
     finally:
-        for pid in [proc.pid, *pids]:  # only the processes the killed search started
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_pids([proc.pid, *pids])  # only the processes the killed search started
     before = {p.stem: json.loads(p.read_text()) for p in records.glob("*.json")}
     finished = {k: r for k, r in before.items() if r["status"] == "COMPLETE"}
     assert len(finished) >= 2 and len(before) < 6
