@@ -18,7 +18,7 @@ from rkit import brute_front, wait_for
 
 from autocompress import FinetuneSettings, Task
 from autocompress.objectives import Metric, Objective
-from autocompress.search import run
+from autocompress.search import SearchResult, run
 from autocompress.spaces import CompressionSpace, Knobs
 
 FT = FinetuneSettings(epochs=2, patience=2)
@@ -79,9 +79,7 @@ def test_raise_inf_and_hang_are_failed_with_reasons(
     assert not failed & set(result.pareto["trial_id"])  # failed trials never enter the front
     assert set(result.pareto["trial_id"]) == brute_front(t, result.names, result.directions)
     assert (t.loc[t["status"] == "FAILED", ["accuracy", "size_bytes"]].isna()).all().all()
-    study = optuna.load_study(
-        study_name="autocompress", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}"
-    )
+    study = SearchResult.load(tmp_path / "run").study()
     states = [s.state for s in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 4
     assert optuna.trial.TrialState.RUNNING not in states

@@ -164,7 +164,7 @@ def test_search_front_artifacts_and_reload(ray_cluster, digits_mlp: Task, tmp_pa
         assert digits_mlp.evaluate(model, "test")["accuracy"] == pytest.approx(row["test_accuracy"])
         assert (rd / row["artifact"] / "manifest.json").is_file()
     assert not (rd / "trials").exists()  # keep_artifacts="pareto"
-    for name in ("trials.csv", "pareto.csv", "result.json", "run.json", "optuna.db"):
+    for name in ("trials.csv", "pareto.csv", "result.json", "run.json", "optuna.journal"):
         assert (rd / name).is_file()
     run_json = json.loads((rd / "run.json").read_text())
     assert run_json["teacher"]["val"]["accuracy"] > 0.9 and run_json["teacher"]["size_bytes"] > 0
@@ -179,7 +179,7 @@ def test_search_front_artifacts_and_reload(ray_cluster, digits_mlp: Task, tmp_pa
     out = result.export(pareto["trial_id"].iloc[0], tmp_path / "exported")
     assert (out / "weights.safetensors").is_file()
     assert "front" in result.summary()
-    study = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{rd / 'optuna.db'}")
+    study = SearchResult.load(rd).study()
     assert len(study.trials) == 8 and all("c0" in t.constraints for t in study.trials)
     print(
         f"\n8 trials on 2 workers: {took:.1f}s total, median trial "
@@ -218,9 +218,7 @@ def test_failed_and_duplicate_trials(ray_cluster, digits_mlp: Task, tmp_path: Pa
         orig = t[t["trial_id"] == row["duplicate_of"]].iloc[0]
         assert row["status"] == orig["status"] and row["reason"] == orig["reason"]
         assert row["plan_json"] == orig["plan_json"] and row["duration_s"] == 0.0
-    study = optuna.load_study(
-        study_name="autocompress", storage=f"sqlite:///{tmp_path / 'run' / 'optuna.db'}"
-    )
+    study = SearchResult.load(tmp_path / "run").study()
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 4
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
@@ -305,7 +303,7 @@ def test_resume_after_sigkill(ray_cluster, digits_mlp: Task, tmp_path: Path) -> 
         row = t[t["trial_id"] == tid].iloc[0]
         assert row["status"] == "COMPLETE" and row["accuracy"] == rec["values"]["accuracy"]
         assert row["finished_at"] == pytest.approx(rec["finished_at"], abs=1e-3)
-    study = optuna.load_study(study_name="autocompress", storage=f"sqlite:///{rd / 'optuna.db'}")
+    study = SearchResult.load(rd).study()
     states = [s.state for s in study.trials]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6
     assert optuna.trial.TrialState.RUNNING not in states  # left by the kill, then marked FAIL
