@@ -55,7 +55,8 @@ def private_ray(importable: Path) -> Iterator[None]:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(importable), old) if p)
+    here = str(Path(__file__).resolve().parent)  # test modules import raykit itself
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(importable), here, old) if p)
     try:
         ray.init(
             address="local",

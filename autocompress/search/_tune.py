@@ -139,6 +139,7 @@ def fit(
     import optuna
     from ray import tune
 
+    from autocompress.search._bookkeeping import TrimFinishedTrials
     from autocompress.search._progress import ProgressCallback
     from autocompress.search._searcher import (
         ConstrainedOptunaSearch,
@@ -200,7 +201,7 @@ def fit(
                 storage=study_storage(run_dir),
                 log_metrics=objective.log_scaled,
             )
-            callbacks = []
+            callbacks: list[Any] = [TrimFinishedTrials()]
             if progress:
                 callbacks.append(
                     ProgressCallback(
