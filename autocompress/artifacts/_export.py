@@ -166,7 +166,7 @@ def export(
         raise ArtifactError(f"metrics must be a dict, got {type(metrics).__name__}")
     files = {
         WEIGHTS: encode_state(model.state_dict(), quant_records(model)),
-        PLAN: plan.to_json().encode(),
+        PLAN: plan.deployment_json().encode(),
     }
     if onnx_example is not None:
         from autocompress.deploy import onnx_form
