@@ -173,7 +173,7 @@ def targets(args: argparse.Namespace) -> None:
             log(json.dumps(row))
             rows.append(row)
             details.append((seed, res, tacc, tb))
-            if plot is None and len(p):
+            if plot is None and len(p) and not args.no_write:
                 plot = per_layer_plot(res, task_name, space)
         seed0, res0, tacc, tb = details[0]
         front = res0.pareto.sort_values("size_bytes")
@@ -321,7 +321,7 @@ def compare(args: argparse.Namespace) -> None:
             log(
                 f"seed {seed} {method}: hv {h:.4f} best {ratio:.1f}x front {len(front)} {wall:.0f}s"
             )
-        if plot is None:
+        if plot is None and not args.no_write:
             plot = fronts_plot(fronts, tacc, tb, seed, budget)
     ref = hv_reference(tacc, tb)
     rows = []
