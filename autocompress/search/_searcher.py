@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.errors import ConfigError
@@ -21,6 +22,8 @@ from autocompress.search._common import CONSTRAINT_PREFIX, SAMPLERS
 from autocompress.spaces import CompressionSpace, LayerPlan, Plan
 
 log = logging.getLogger(__name__)
+RESAMPLES = 10
+"""How often a repeated plan is sent back to the sampler before the trial runs it anyway."""
 
 
 def make_sampler(name: str, seed: int, trials: int) -> Any:
@@ -174,14 +177,25 @@ def default_baselines(space: CompressionSpace, n: int = len(CLASSIC), seed: int 
     return plans
 
 
+def _enqueued(ot_trial: Any) -> bool:
+    """True if Optuna took this trial's parameters from ``enqueue_trial`` (not the sampler)."""
+    attrs = ot_trial.storage.get_trial_system_attrs(ot_trial._trial_id)
+    return "fixed_params" in attrs
+
+
 class ConstrainedOptunaSearch(OptunaSearch):
     """``OptunaSearch`` that records constraints, marks failed trials FAIL and caches plans.
 
     * ``on_trial_complete`` calls ``trial.set_constraint("c<i>", value)`` from the reported
       ``cv_<i>`` keys before ``tell`` (Optuna 5's replacement for ``constraints_func``).
     * A trial that reports ``status == "FAILED"`` (or raised) is told FAIL, never a NaN value.
-    * ``suggest`` adds ``duplicate_of`` to the config when the sampled plan was already
-      evaluated in this run, so the trial reuses that trial's record instead of recomputing.
+    * A plan the sampler proposes again (already evaluated, or running in another trial) does
+      not cost a trial: that Optuna trial is told PRUNED (``user_attrs["repeat_of"]`` names
+      the first trial; the first trial's values are already in the study) and the sampler is
+      asked again, up to :data:`RESAMPLES` times. Only then does the trial run the repeat,
+      with ``duplicate_of`` in its config so it reuses the first trial's record instead of
+      recomputing. Plans enqueued on purpose (baselines, adoption on resume) are never
+      resampled.
     * Metrics named in ``log_metrics`` are told to Optuna as ``log10`` of their (positive)
       value, so NSGA-II's crowding distance works on compression ratios, not raw bytes.
     """
@@ -193,13 +207,29 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._log_metrics = tuple(log_metrics)
 
     def suggest(self, trial_id: str) -> dict | None:
-        config = super().suggest(trial_id)
-        if isinstance(config, dict) and "plan_json" in config:
-            key = config["plan_json"]
-            self._plan_of[trial_id] = key
-            if key in self._seen_plans:
-                config["duplicate_of"] = self._seen_plans[key]
+        for attempt in range(RESAMPLES + 1):
+            config = super().suggest(trial_id)
+            if not (isinstance(config, dict) and "plan_json" in config):
+                return config
+            first = self._first_with(config["plan_json"])
+            ot_trial = self._ot_trials[trial_id]
+            if first is None or attempt == RESAMPLES or _enqueued(ot_trial):
+                break
+            ot_trial.set_user_attr("repeat_of", first)
+            self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.PRUNED)
+            del self._ot_trials[trial_id]
+        key = config["plan_json"]
+        self._plan_of[trial_id] = key
+        if key in self._seen_plans:
+            config["duplicate_of"] = self._seen_plans[key]
         return config
+
+    def _first_with(self, plan_json: str) -> str | None:
+        """The trial that evaluated (or is evaluating) ``plan_json`` in this run, if any."""
+        if plan_json in self._seen_plans:
+            return self._seen_plans[plan_json]
+        running = (t for t, k in self._plan_of.items() if k == plan_json)
+        return next((t for t in running if t not in self._completed_trials), None)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return None  # one report per trial: everything happens in on_trial_complete

@@ -180,7 +180,9 @@ def test_search_front_artifacts_and_reload(ray_cluster, digits_mlp: Task, tmp_pa
     assert (out / "weights.safetensors").is_file()
     assert "front" in result.summary()
     study = SearchResult.load(rd).study()
-    assert len(study.trials) == 8 and all("c0" in t.constraints for t in study.trials)
+    told = [t for t in study.trials if t.state != optuna.trial.TrialState.PRUNED]
+    assert len(told) == 8 and all("c0" in t.constraints for t in told)
+    assert all("repeat_of" in t.user_attrs for t in study.trials if t not in told)
     print(
         f"\n8 trials on 2 workers: {took:.1f}s total, median trial "
         f"{trials['duration_s'].median():.2f}s"

@@ -103,3 +103,30 @@ def test_warm_start_spreads_uniform_plans_over_the_space() -> None:
     assert default_baselines(space, 10, seed=0) == plans  # deterministic per seed
     assert default_baselines(space, 10, seed=1) != plans
     assert isinstance(plans[-1], Plan)
+
+
+def test_repeated_plans_are_sent_back_to_the_sampler(tmp_path: Path) -> None:
+    model = get_task("digits-mlp").build_model()
+    knobs = Knobs(sparsity=None, bits=(2, 4))
+    groups = [["fc1", "fc2", "fc3"]]  # one knob: two plans in the whole space
+    space = CompressionSpace.from_model(model, knobs, groups=groups)
+    searcher = ConstrainedOptunaSearch(
+        SpaceFn(space),
+        metric=["accuracy", "size_bytes"],
+        mode=["max", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        study_name=STUDY_NAME,
+        storage=study_storage(tmp_path),
+    )
+    seen = []
+    for i in range(3):
+        config = searcher.suggest(f"t{i}")
+        seen.append(config["plan_json"])
+        result = {"status": "COMPLETE", "accuracy": 0.9, "size_bytes": 1000.0 + i}
+        searcher.on_trial_complete(f"t{i}", {**result, "duplicate_of": ""})
+    assert seen[0] != seen[1]  # the repeat of t0's plan was resampled, not run
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path))
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["repeat_of"] in ("t0", "t1") for t in pruned)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 3  # t2 had nothing new left: it ran as a duplicate of t0 or t1
