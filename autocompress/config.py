@@ -103,7 +103,7 @@ class ObjectiveConfig(_Strict):
 
 
 class SearchConfig(_Strict):
-    sampler: Literal["nsga2", "tpe", "gp", "random"] = "nsga2"
+    sampler: Literal["nsga2", "tpe", "gp", "random"] = "tpe"
     trials: int = Field(50, ge=1, le=1_000_000)
     workers: int = Field(1, ge=1, le=4096)
     seed: int = Field(0, ge=0, le=2**32 - 1)

@@ -180,14 +180,14 @@ def fixed_structure(trials: Any, space: Any) -> dict[str, float]:
 
 
 def partial_fixed_sampler(fixed: dict[str, float], seed: int, trials: int) -> Any:
-    """NSGA-II (the product's own settings) over the knobs not in ``fixed``."""
+    """The product's default sampler (TPE, its own settings) over the knobs not in ``fixed``."""
     import warnings
 
     import optuna
 
     from autocompress.search._searcher import make_sampler
 
-    base = make_sampler("nsga2", seed, trials)
+    base = make_sampler("tpe", seed, trials)
     with warnings.catch_warnings():  # PartialFixedSampler is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.PartialFixedSampler(fixed, base)
@@ -224,7 +224,7 @@ def search(
     run_dir: Path,
     *,
     trials: int,
-    sampler: Any = "nsga2",
+    sampler: Any = "tpe",
     seed: int = 0,
     baselines: list | None = None,
     warm_start: bool = False,

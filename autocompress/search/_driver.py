@@ -158,7 +158,7 @@ def run(
     *,
     trials: int = 50,
     workers: int = 1,
-    sampler: Any = "nsga2",
+    sampler: Any = "tpe",
     seed: int = 0,
     time_budget: float | None = None,
     trial_timeout: float | None = None,
@@ -180,9 +180,9 @@ def run(
     cache) here, exported once to ``run_dir/teacher`` (its size is the reference of
     ``compression_ratio``) and shipped to the workers once through Ray's object store. Ray Tune
     runs ``trials`` trials, ``workers`` at a time, each sampled by Optuna (``sampler``:
-    ``"nsga2"`` default, ``"tpe"``, ``"gp"``, ``"random"`` or an Optuna sampler) from ``space``;
-    ``baselines`` run first (default: a warm start of uniform plans, half of NSGA-II's first
-    population, three classic ones plus a spread over width, sparsity and bits, see
+    ``"tpe"`` default: multi-objective TPE; ``"nsga2"``, ``"gp"``, ``"random"`` or an Optuna
+    sampler) from ``space``; ``baselines`` run first (default: a warm start of uniform plans, a
+    tenth of the budget, three classic ones plus a spread over width, sparsity and bits, see
     :func:`~autocompress.search._searcher.default_baselines`; ``[]`` for none). Metrics with
     ``scale="log"`` (sizes, latencies) are told to the sampler as ``log10``. Each trial
     compresses, fine-tunes (stopping at ``trial_timeout`` seconds, FAILED past 1.5x; a trial
