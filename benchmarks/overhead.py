@@ -4,15 +4,15 @@
     python benchmarks/overhead.py --quick    # 12 and 2 x 10 trials (~2 min)
 
 Both use the real product path (``autocompress.search.run``: Optuna sampling, Ray Tune
-scheduling with reused actors, trial records, reporting, the Optuna SQLite study) on digits-mlp.
+scheduling with reused actors, trial records, reporting, the Optuna journal study) on digits-mlp.
 
 * **Overhead**: a search whose trials do (almost) no work: no fine-tune, and every plan after the
   first is identical (one-point space), so each later trial reuses the first result (its work is
   0 s). With one worker, the framework's own cost per trial is the gap between one trial's end
   and the next one's start (``finished_at`` -> ``started_at`` in the trial records: reporting,
-  Optuna ``tell`` / ``ask`` on SQLite, Tune scheduling, record writes). The same gaps are also
-  measured in a real digits-mlp search (10 searched knobs, real fine-tune), where sampling is real
-  NSGA-II work, and set against that search's median trial duration.
+  Optuna ``tell`` / ``ask`` on the journal, Tune scheduling, record writes). The same gaps are
+  also measured in a real digits-mlp search (10 searched knobs, real fine-tune) and set against
+  that search's median trial duration.
 * **Scaling**: the same real digits-mlp trials (random sampler, same seed, so the very same plans)
   with 1 and then 2 workers, one torch thread per trial; trials per minute over the span from the
   first trial's start to the last trial's end, and over the whole ``run()`` call.
@@ -87,13 +87,14 @@ def profile_driver(task, space, trials: int) -> str:
 
 
 def storage_cost(n: int, tmp: Path) -> list[dict]:
-    """Optuna ``ask`` + ``suggest`` + ``tell`` per trial on the real digits-mlp space (NSGA-II,
-    two objectives, one constraint) with the product's SQLite storage vs alternatives."""
+    """Optuna ``ask`` + ``suggest`` + ``tell`` per trial on the real digits-mlp space (two
+    objectives, one constraint) with the product's journal storage vs alternatives, for the
+    default sampler (TPE) and NSGA-II."""
+    import itertools
     import shutil
 
     import optuna
-    from optuna.storages import JournalStorage, RDBStorage
-    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages import RDBStorage
 
     from autocompress.search._searcher import make_sampler
 
@@ -101,29 +102,34 @@ def storage_cost(n: int, tmp: Path) -> list[dict]:
     space = quality_space("digits-mlp", get_task("digits-mlp").teacher())
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from autocompress.search._journal import study_storage
+
     kinds = {
-        "SQLite RDBStorage (product)": lambda: RDBStorage(f"sqlite:///{tmp / 'a.db'}"),
-        "JournalFileBackend": lambda: JournalStorage(JournalFileBackend(str(tmp / "j.log"))),
-        "in memory": lambda: None,
+        "journal file (product)": lambda d: study_storage(d),
+        "SQLite RDBStorage (before)": lambda d: RDBStorage(f"sqlite:///{d / 'a.db'}"),
+        "in memory": lambda d: None,
     }
     rows = []
-    for name, make in kinds.items():
+    for (name, make), sampler in itertools.product(kinds.items(), ("tpe", "nsga2")):
+        d = tmp / f"{len(rows)}"
+        d.mkdir()
         study = optuna.create_study(
-            storage=make(),
+            storage=make(d),
             directions=["maximize", "minimize"],
-            sampler=make_sampler("nsga2", 0, 100),
+            sampler=make_sampler(sampler, 0, 100),
         )
         times = []
         for i in range(n):
             t0 = time.perf_counter()
             trial = study.ask()
             space.suggest(trial)
-            trial.set_user_attr("constraint", [0.0])
+            trial.set_constraint("c0", -0.1 if i % 3 else 0.2)
             study.tell(trial, [0.9 + 1e-3 * (i % 7), 1000.0 + i])
             times.append(time.perf_counter() - t0)
         rows.append(
             {
                 "Optuna storage": name,
+                "sampler": sampler,
                 "ask + suggest + tell ms (median)": f"{1e3 * statistics.median(times):.1f}",
                 "p90 ms": f"{1e3 * q(times, 0.9):.1f}",
             }
@@ -236,7 +242,7 @@ def main() -> None:
         "(other engineers' jobs share these cores: timings are noisy).\n\n"
         "### Framework overhead per trial\n\n"
         "Median gap between one trial's end and the next trial's start with one worker, from "
-        "the trial records (`finished_at` -> `started_at`): Optuna `tell` + `ask` on the SQLite "
+        "the trial records (`finished_at` -> `started_at`): Optuna `tell` + `ask` on the journal "
         "study, Tune's result processing and scheduling on a reused actor, the trial's record "
         "write and report. The no-work search uses a one-point space (every trial after the "
         "first reuses the first result: 0 s of work). Target: median <= 50 ms and <= 5% of a "
@@ -252,8 +258,8 @@ def main() -> None:
             if prof
             else ""
         )
-        + "\nThe Optuna side alone, outside Ray, on the same 10-knob space (NSGA-II, 2 "
-        f"objectives), {n_free} trials each, in the driver process:\n\n"
+        + "\nThe Optuna side alone, outside Ray, on the same 10-knob space (2 objectives, one "
+        f"constraint), {n_free} trials each, in the driver process:\n\n"
         + table(store, list(store[0]))
         + "\n### Parallel scaling: 1 vs 2 workers\n\n"
         f"The same {n_real} digits-mlp plans (random sampler, seed 0) run with 1 and 2 workers, "

@@ -343,6 +343,9 @@ def run(
             ray.shutdown()
     log.debug("search done at %.1fs", time.monotonic() - t0)
     fail_stale_optuna_trials(rd)
+    from autocompress.search._journal import sync_journal
+
+    sync_journal(rd)
     from autocompress.search._finalize import finalize
 
     statuses = [t.get("status", "") for t in tune_trials.values()]

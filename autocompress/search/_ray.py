@@ -114,7 +114,8 @@ def fail_stale_optuna_trials(run_dir: Path) -> None:
     """Mark Optuna trials left RUNNING by a killed driver as FAIL (dashboards show them)."""
     import optuna
 
-    from autocompress.search._common import STUDY_FILE, study_storage
+    from autocompress.search._common import STUDY_FILE
+    from autocompress.search._journal import study_storage
 
     if not (run_dir / STUDY_FILE).is_file():
         return

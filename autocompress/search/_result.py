@@ -144,7 +144,8 @@ class SearchResult:
         """
         import optuna
 
-        from autocompress.search._common import STUDY_FILE, STUDY_NAME, study_storage
+        from autocompress.search._common import STUDY_FILE, STUDY_NAME
+        from autocompress.search._journal import study_storage
 
         if not (self.run_dir / STUDY_FILE).is_file():
             raise AutocompressError(f"{str(self.run_dir)!r} has no {STUDY_FILE}")

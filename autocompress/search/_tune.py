@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from autocompress.objectives import Objective, Reference
-from autocompress.search._common import STUDY_FILE, STUDY_NAME, study_storage
+from autocompress.search._common import STUDY_FILE, STUDY_NAME
+from autocompress.search._journal import study_storage
 from autocompress.search._trial import (
     ADOPT,
     TrialSettings,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import optuna
@@ -10,7 +11,8 @@ import pytest
 
 from autocompress import get_task
 from autocompress.objectives import Metric, Objective
-from autocompress.search._common import STUDY_FILE, STUDY_NAME, study_storage
+from autocompress.search._common import STUDY_FILE, STUDY_NAME
+from autocompress.search._journal import study_storage, sync_journal
 from autocompress.search._searcher import (
     CLASSIC,
     ConstrainedOptunaSearch,
@@ -47,6 +49,16 @@ def test_journal_cut_by_a_kill_is_trimmed_and_appendable(tmp_path: Path) -> None
     again.tell(t, 3.0)
     reread = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path, writer=False))
     assert [tr.value for tr in reread.trials] == [1.0, 2.0, 3.0]
+
+
+def test_driver_journal_pickles_and_appends_without_lock_files(tmp_path: Path) -> None:
+    storage = pickle.loads(pickle.dumps(study_storage(tmp_path)))  # Tune pickles the searcher
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [STUDY_FILE]  # no lock file
+    sync_journal(tmp_path)
+    reread = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path, writer=False))
+    assert [t.params for t in reread.trials] == [t.params for t in study.trials]
 
 
 def test_reader_changes_nothing(tmp_path: Path) -> None:
