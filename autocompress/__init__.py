@@ -9,7 +9,7 @@ from autocompress import compress, search
 from autocompress.artifacts import Artifact, export, inspect_artifact, load
 from autocompress.errors import ArtifactError, AutocompressError, ConfigError, PlanError
 from autocompress.objectives import Constraint, Metric, Objective, register_metric
-from autocompress.search import SearchResult
+from autocompress.search import EarlyStop, SearchResult
 from autocompress.spaces import CompressionSpace, FinetuneSettings, Knobs, LayerPlan, Plan
 from autocompress.tasks import Task, TrainSettings, get_task, register_task
 
@@ -21,6 +21,7 @@ __all__ = [
     "AutocompressError",
     "CompressionSpace",
     "ConfigError",
+    "EarlyStop",
     "Constraint",
     "FinetuneSettings",
     "Knobs",

@@ -137,6 +137,7 @@ def run(
             run_dir=str(run_dir) if run_dir else None,
         )
         task, space, objective = build(exp, str(experiment))
+        from autocompress.search import EarlyStop
         from autocompress.search import run as search_run
 
         s = exp.search
@@ -159,6 +160,7 @@ def run(
             gpus_per_trial=s.gpus_per_trial,
             device=s.device,
             max_failures=s.max_failures,
+            early_stop=EarlyStop(**s.early_stop.model_dump()) if s.early_stop else False,
             verbose=verbose,
         )
     except AutocompressError as e:

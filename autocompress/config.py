@@ -102,6 +102,14 @@ class ObjectiveConfig(_Strict):
     weights: dict[str, float] | None = None
 
 
+class EarlyStopConfig(_Strict):
+    """``early_stop: {after: 0.34, margin: 0.05}``; ``true`` takes these values, ``false`` (the
+    default) turns it off."""
+
+    after: float = Field(0.34, gt=0, le=1, description="fraction of the epochs before judging")
+    margin: float = Field(0.05, ge=0, lt=1, description="score units below the feasible floor")
+
+
 class SearchConfig(_Strict):
     sampler: Literal["nsga2", "tpe", "gp", "random"] = "tpe"
     trials: int = Field(50, ge=1, le=1_000_000)
@@ -116,6 +124,14 @@ class SearchConfig(_Strict):
     max_failures: int = Field(0, ge=0, le=1000)
     address: str | None = None
     baselines: bool = True
+    early_stop: EarlyStopConfig | None = None
+
+    @field_validator("early_stop", mode="before")
+    @classmethod
+    def _early_stop(cls, v: Any) -> Any:
+        if v is True:
+            return {}
+        return None if v is False else v
 
     @field_validator("address")
     @classmethod

@@ -30,6 +30,8 @@ def test_shipped_experiments_validate(path: Path) -> None:
         ({"task": "digits-mlp", "search": {"sampler": "nsgaa"}}, "search.sampler"),
         ({"task": "digits-mlp", "search": {"trials": 0}}, "search.trials"),
         ({"task": "digits-mlp", "search": {"workers": -1}}, "search.workers"),
+        ({"task": "digits-mlp", "search": {"early_stop": {"margin": 2}}}, "early_stop"),
+        ({"task": "digits-mlp", "search": {"early_stop": {"aftr": 0.5}}}, "aftr"),
         ({"task": "digits-mlp", "space": {"knobs": {"bits": [4, 9]}}}, "space.knobs.bits"),
         ({"task": "digits-mlp", "space": {"knobs": {"sparsity": [0.9, 0.1]}}}, "lower bound"),
         ({"search": {}}, "task"),
@@ -66,6 +68,14 @@ def test_yaml_syntax_and_missing_file(tmp_path: Path) -> None:
         load_experiment(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_experiment(tmp_path / "nope.yaml")
+
+
+def test_early_stop_settings() -> None:
+    assert parse_experiment({"task": "digits-mlp"}).search.early_stop is None
+    on = parse_experiment({"task": "digits-mlp", "search": {"early_stop": True}})
+    assert on.search.early_stop.after == 0.34
+    tuned = parse_experiment({"task": "digits-mlp", "search": {"early_stop": {"after": 0.5}}})
+    assert tuned.search.early_stop.after == 0.5 and tuned.search.early_stop.margin == 0.05
 
 
 def test_overrides() -> None:

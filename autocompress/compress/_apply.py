@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -66,6 +67,7 @@ def apply(
     seed: int = 0,
     deadline: float | None = None,
     device: str | torch.device = "cpu",
+    stop: Callable[[int, float], bool] | None = None,
 ) -> nn.Module:
     """Compress ``model`` according to ``plan`` and return a new module (input untouched).
 
@@ -75,6 +77,8 @@ def apply(
     ``task``'s data, if ``task`` is given and ``plan.finetune.epochs > 0``. The result's weights
     are baked to the exact values an artifact stores. ``device="cuda"`` fine-tunes on a GPU
     (the input model stays where it is); the result is always returned on the CPU.
+    ``stop(epochs_run, best_val)`` may end the fine-tune early (see ``distill``); a codebook
+    plan stopped that way gets one epoch of centroid fine-tune instead of the rest.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -114,6 +118,14 @@ def apply(
     sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
     set_sparsity(student, 0.0 if ramp_epochs else 1.0)
+    stopped = []
+
+    def stop_once(epochs_run: int, best: float) -> bool:
+        if stop is not None and stop(epochs_run, best):
+            stopped.append(epochs_run)
+            return True
+        return False
+
     distill(
         student,
         teacher,
@@ -123,9 +135,11 @@ def apply(
         deadline=deadline,
         ramp=(lambda f: set_sparsity(student, f)) if ramp_epochs else None,
         ramp_epochs=ramp_epochs,
+        stop=stop_once if stop is not None else None,
     )
     if codebooks:
         convert_codebooks(student)
-        rest = FinetuneSettings(**{**asdict(ft), "epochs": max(1, ft.epochs - epochs)})
+        left = 1 if stopped else max(1, ft.epochs - epochs)
+        rest = FinetuneSettings(**{**asdict(ft), "epochs": left})
         distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline)
     return bake(student.cpu()).eval()

@@ -29,6 +29,7 @@ def distill(
     deadline: float | None = None,
     ramp: Callable[[float], None] | None = None,
     ramp_epochs: int = 0,
+    stop: Callable[[int, float], bool] | None = None,
 ) -> dict[str, float]:
     """Fine-tune ``student`` in place from ``teacher``'s soft targets and the labels.
 
@@ -40,6 +41,10 @@ def distill(
     ``ramp(fraction)`` is called before each of the first ``ramp_epochs`` epochs with a cubic
     schedule reaching 1.0 at the last of them (gradual magnitude pruning); only epochs at the
     full schedule are eligible as "best", so the result always has the planned sparsity.
+
+    ``stop(epochs_run, best_val)`` is asked after every evaluated epoch (never during the
+    ramp, so a stopped model still has its planned sparsity); ``True`` ends the fine-tune there,
+    keeping the best epoch (early stopping of hopeless candidates, see ``search.run``).
 
     Returns ``{"epochs": epochs run, "val": best val metric}``.
     """
@@ -98,7 +103,7 @@ def distill(
             best, best_state, bad = score, copy.deepcopy(student.state_dict()), 0
         else:
             bad += 1
-        if bad >= s.patience or out_of_time:
+        if bad >= s.patience or out_of_time or (stop is not None and stop(epochs, best)):
             break
     if best_state is None:  # stopped by the deadline before the schedule ended
         ramp(1.0)

@@ -133,6 +133,23 @@ class Objective:
             return ["score"], ["max"]
         return self.names, ["max" if d == "maximize" else "min" for d in self.directions]
 
+    def score_floor(self, teacher_score: float | None) -> float | None:
+        """The lowest task score (``accuracy``) a feasible candidate can have, or None.
+
+        From ``accuracy_drop <= b`` (teacher score minus ``b``) and ``accuracy >= b``.
+
+        Example:
+            >>> Objective(["accuracy", "size_bytes"], ["accuracy_drop <= 0.01"]).score_floor(0.97)
+            0.96
+        """
+        floors = []
+        for c in self.constraints:
+            if c.metric == "accuracy_drop" and c.op == "<=" and teacher_score is not None:  # type: ignore[union-attr]
+                floors.append(teacher_score - c.bound)  # type: ignore[union-attr]
+            elif c.metric == "accuracy" and c.op == ">=":  # type: ignore[union-attr]
+                floors.append(c.bound)  # type: ignore[union-attr]
+        return round(max(floors), 12) if floors else None
+
     @property
     def log_scaled(self) -> list[str]:
         """Search metrics the sampler sees as ``log10`` (see :attr:`Metric.scale`).

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from autocompress.search._common import SAMPLERS
 from autocompress.search._driver import run
+from autocompress.search._early import EarlyStop
 from autocompress.search._pareto import hypervolume_history, non_dominated
 from autocompress.search._result import SearchResult
 
 __all__ = [
     "SAMPLERS",
+    "EarlyStop",
     "SearchResult",
     "hypervolume_history",
     "non_dominated",

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from autocompress.search._checks import (
     space_needed,
     validate,
 )
+from autocompress.search._early import EarlyStop
 from autocompress.search._ray import (
     check_resources,
     fail_stale_optuna_trials,
@@ -171,6 +173,7 @@ def run(
     gpus_per_trial: float = 0.0,
     device: str = "cpu",
     max_failures: int = 0,
+    early_stop: bool | EarlyStop = False,
     progress: bool = True,
     verbose: bool = False,
 ) -> SearchResult:
@@ -202,12 +205,16 @@ def run(
     whose nodes must all see ``run_dir`` (a shared filesystem); a Ray already initialized in
     this process is used as is and never shut down. Ctrl-C (or SIGTERM) stops the search
     gracefully: the tables and the front of the trials so far are written and the result's
-    ``message`` says how to resume. ``resume=True`` continues a killed or interrupted run in
-    the same ``run_dir`` with the same settings: finished trials are kept (never run again),
-    the budget is completed. ``max_failures`` retries trials whose worker crashed; past that
-    they are FAILED, also after a resume. ``run_dir`` must be writable with room for the run
-    (checked before anything starts). See docs/reliability.md. ``device="cuda"`` fine-tunes
-    each candidate on the GPU share Ray assigns to the trial (``gpus_per_trial``).
+    ``message`` says how to resume. ``resume=True`` continues a killed or interrupted run in the
+    same ``run_dir`` with the same settings: finished trials are kept (never run again), the
+    budget is completed. ``max_failures`` retries trials whose worker crashed; past that they
+    are FAILED, also after a resume. ``early_stop`` (``True`` or an
+    :class:`~autocompress.search.EarlyStop`) stops the fine-tune of a candidate whose val score,
+    a third of the way in, is more than 5 points below the lowest feasible score (it is recorded
+    with that score and ``early_stopped``); off by default, see docs/search-quality.md.
+    ``run_dir`` must be writable with room for the run (checked before anything starts). See
+    docs/reliability.md. ``device="cuda"`` fine-tunes each candidate on the GPU share Ray
+    assigns to the trial (``gpus_per_trial``).
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -219,6 +226,12 @@ def run(
     """
     objective = Objective.default() if objective is None else objective
     require("optuna", "ray.tune")
+    if early_stop is True:
+        early_stop = EarlyStop()
+    elif early_stop is False or early_stop is None:
+        early_stop = None
+    elif not isinstance(early_stop, EarlyStop):
+        raise ConfigError(f"early_stop={early_stop!r}: use True, False or an EarlyStop(...)")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r} is unknown: use 'cpu' or 'cuda'")
     if device == "cuda" and not gpus_per_trial:
@@ -271,6 +284,7 @@ def run(
         "device": device,
         "max_failures": max_failures,
         "baselines": points,
+        "early_stop": None if early_stop is None else asdict(early_stop),
     }
     desc = {
         "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},

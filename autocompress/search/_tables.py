@@ -68,6 +68,7 @@ def trial_rows(
     value_names = list(objective_names) + [n for n in FIRST_VALUES if n not in objective_names]
     extra = sorted({k for r in rows for k in r.get("values", {})} - set(value_names) - {"score"})
     value_names += extra + (["score"] if any("score" in r.get("values", {}) for r in rows) else [])
+    early = any("early_stopped" in r for r in rows)
     out = []
     for r in rows:
         ok = r["status"] == "COMPLETE"
@@ -87,6 +88,8 @@ def trial_rows(
         keep = ok and not r.get("duplicate_of")
         row["artifact"] = (r.get("artifact") or "") if keep else ""
         row["plan_json"] = r.get("plan_json") or ""
+        if early:  # the epoch a hopeless fine-tune stopped at
+            row["early_stopped"] = _num(r.get("early_stopped"))
         out.append(row)
     df = pd.DataFrame(out)
     if df.empty:

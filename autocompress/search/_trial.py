@@ -27,6 +27,7 @@ import torch
 
 from autocompress.objectives import Objective, Reference
 from autocompress.search._common import CONSTRAINT_PREFIX
+from autocompress.search._early import EarlyStop
 from autocompress.tasks import Task
 
 FINISHED = ("COMPLETE", "FAILED")
@@ -48,6 +49,7 @@ class TrialSettings:
     reference: Reference = Reference()
     seed: int = 0
     device: str = "cpu"
+    early_stop: EarlyStop | None = None
 
 
 class TrialFailure(RuntimeError):
@@ -239,6 +241,7 @@ def evaluate_plan(
             seed=settings.seed,
             deadline=deadline,
             device=settings.device,
+            stop=_stopper(settings, objective, plan.finetune.epochs, rec),
         )
         check_time("compression")
         shutil.rmtree(art_dir, ignore_errors=True)  # left by an attempt before a restart
@@ -265,6 +268,26 @@ def evaluate_plan(
     rec["duration_s"] = time.monotonic() - start
     rec["finished_at"] = time.time()
     return rec
+
+
+def _stopper(
+    settings: TrialSettings, objective: Objective, epochs: int, rec: dict[str, Any]
+) -> Any:
+    """The early-stopping rule of this trial (None when off or without a score constraint);
+    when it fires, ``rec["early_stopped"]`` gets the epoch."""
+    es = settings.early_stop
+    floor = objective.score_floor(settings.reference.scores.get("val"))
+    if es is None or floor is None:
+        return None
+    rule = es.rule(floor, epochs)
+
+    def stop(done: int, best: float) -> bool:
+        if rule(done, best):
+            rec["early_stopped"] = done
+            return True
+        return False
+
+    return stop
 
 
 class _Watchdog:

@@ -22,6 +22,7 @@ from typing import Any
 
 from autocompress.objectives import Objective, Reference
 from autocompress.search._common import STUDY_FILE, STUDY_NAME
+from autocompress.search._early import EarlyStop
 from autocompress.search._journal import study_storage
 from autocompress.search._trial import (
     ADOPT,
@@ -160,6 +161,7 @@ def fit(
             reference=reference,
             seed=settings["seed"],
             device=settings["device"],
+            early_stop=EarlyStop(**settings["early_stop"]) if settings.get("early_stop") else None,
         ),
     )
     trainable = tune.with_resources(

@@ -310,3 +310,29 @@ def test_resume_after_sigkill(ray_cluster, digits_mlp: Task, tmp_path: Path) -> 
     assert optuna.trial.TrialState.RUNNING not in states  # left by the kill, then marked FAIL
     with pytest.raises(ConfigError, match="differs"):
         run(digits_mlp, _space(digits_mlp), trials=6, run_dir=rd, resume=True, progress=False)
+
+
+def test_early_stop_ends_hopeless_fine_tunes(ray_cluster, digits_mlp: Task, tmp_path: Path) -> None:
+    from autocompress import EarlyStop
+
+    knobs = Knobs(sparsity=(0.5, 0.97), sparsity_step=0.01, bits=(2, 8), width=(0.1, 1.0))
+    space = _space(digits_mlp, knobs=knobs, ft=FinetuneSettings(epochs=9, patience=9))
+    hopeless = space.uniform(sparsity=0.97, bits=2, width=0.1)
+    fine = space.uniform(sparsity=0.5, bits=8)
+    result = run(
+        digits_mlp,
+        space,
+        trials=2,
+        workers=2,
+        baselines=[hopeless, fine],
+        early_stop=EarlyStop(after=0.34, margin=0.05),
+        run_dir=tmp_path / "run",
+        progress=False,
+    )
+    t = result.trials.set_index("width")
+    assert t.loc[0.1, "status"] == "COMPLETE" and not t.loc[0.1, "feasible"]
+    assert 3 <= t.loc[0.1, "early_stopped"] < 9  # stopped a third of the way in
+    assert math.isnan(t.loc[1.0, "early_stopped"]) and t.loc[1.0, "feasible"]
+    assert set(result.pareto["width"]) == {1.0}
+    run_json = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_json["settings"]["early_stop"] == {"after": 0.34, "margin": 0.05}
