@@ -230,6 +230,7 @@ def search(
     warm_start: bool = False,
     workers: int = 2,
     trial_timeout: float | None = None,
+    early_stop: Any = False,
 ) -> Any:
     """One product search (accuracy vs size, accuracy drop <= 1 point on val).
 
@@ -262,6 +263,7 @@ def search(
         run_dir=run_dir,
         progress=False,
         trial_timeout=trial_timeout,
+        early_stop=early_stop,
     )
 
 

@@ -33,7 +33,7 @@ STEPS: list[tuple[str, list[list[str]], list[list[str]]]] = [
     ("engine", [[]], [["--quick"]]),
     ("reliability", [[]], [["--quick"]]),
     ("latency", [[]], [["--quick"]]),
-    ("overhead", [[]], [["--quick"]]),
+    ("overhead", [["--fidelity"], []], [["--fidelity", "--quick"], ["--quick"]]),
 ]
 
 
