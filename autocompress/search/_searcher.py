@@ -198,7 +198,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
       not cost a trial: that Optuna trial is closed as FAIL with ``user_attrs["repeat_of"]``
       naming the first trial (whose values are already in the study; FAIL because NSGA-II and
       TPE both ignore FAIL trials, while TPE would count a PRUNED one as a bad sample) and the
-      sampler is asked again, up to :data:`RESAMPLES` times. Only then does the trial run the
+      sampler is asked again, up to :data:`RESAMPLES` times (once, after a suggest that found
+      nothing new: the space is nearly exhausted). Only then does the trial run the
       repeat, with ``duplicate_of`` in its config so it reuses the first trial's record instead
       of recomputing. Plans enqueued on purpose (baselines, adoption on resume) are never
       resampled.
@@ -211,15 +212,19 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._seen_plans: dict[str, str] = {}
         self._plan_of: dict[str, str] = {}
         self._log_metrics = tuple(log_metrics)
+        self._exhausted = False
 
     def suggest(self, trial_id: str) -> dict | None:
-        for attempt in range(RESAMPLES + 1):
+        # after a suggest whose resamples all repeated (a nearly exhausted space), try once
+        tries = 1 if getattr(self, "_exhausted", False) else RESAMPLES
+        for attempt in range(tries + 1):
             config = super().suggest(trial_id)
             if not (isinstance(config, dict) and "plan_json" in config):
                 return config
             first = self._first_with(config["plan_json"])
             ot_trial = self._ot_trials[trial_id]
-            if first is None or attempt == RESAMPLES or _enqueued(ot_trial):
+            self._exhausted = first is not None and attempt == tries
+            if first is None or attempt == tries or _enqueued(ot_trial):
                 break
             ot_trial.set_user_attr("repeat_of", first)
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)

@@ -143,3 +143,7 @@ def test_repeated_plans_are_sent_back_to_the_sampler(tmp_path: Path) -> None:
     assert all(t.state == optuna.trial.TrialState.FAIL for t in repeats)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 3  # t2 had nothing new left: it ran as a duplicate of t0 or t1
+    before = len(study.trials)
+    searcher.suggest("t3")  # the space is exhausted: asked twice, not eleven times
+    after = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path)).trials
+    assert len(after) - before <= 2
