@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from torch import nn
 
@@ -143,11 +143,11 @@ class Objective:
             0.96
         """
         floors = []
-        for c in self.constraints:
-            if c.metric == "accuracy_drop" and c.op == "<=" and teacher_score is not None:  # type: ignore[union-attr]
-                floors.append(teacher_score - c.bound)  # type: ignore[union-attr]
-            elif c.metric == "accuracy" and c.op == ">=":  # type: ignore[union-attr]
-                floors.append(c.bound)  # type: ignore[union-attr]
+        for c in cast("list[Constraint]", self.constraints):  # parsed in __post_init__
+            if c.metric == "accuracy_drop" and c.op == "<=" and teacher_score is not None:
+                floors.append(teacher_score - c.bound)
+            elif c.metric == "accuracy" and c.op == ">=":
+                floors.append(c.bound)
         return round(max(floors), 12) if floors else None
 
     @property
