@@ -238,7 +238,9 @@ def test_run_dir_files_are_plain_data_and_damage_is_refused(
     for p in rd.rglob("*"):
         if p.is_file() and "tune" not in p.relative_to(rd).parts:
             kinds.setdefault(p.suffix, []).append(p.name)
-    assert set(kinds) <= {".json", ".csv", ".safetensors", ".db", ".html", ".png"}, kinds
+    assert set(kinds) <= {".json", ".csv", ".safetensors", ".journal", ".html", ".png"}, kinds
+    for line in (rd / "optuna.journal").read_text().splitlines():  # the study: JSON lines
+        assert isinstance(json.loads(line), dict)
     for p in rd.rglob("*"):  # only Tune's own state is a pickle
         if p.is_file() and p.read_bytes()[:1] == b"\x80":
             assert "tune" in p.relative_to(rd).parts, p
