@@ -9,6 +9,7 @@ the free-space check is exercised with a given free-byte count instead.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import random
 import shutil
