@@ -46,6 +46,10 @@ QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "RAY_AUTH_MODE": "disabled",
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
+    # Tune's default per-trial loggers (params.json, params.pkl, result.json, progress.csv and a
+    # TensorBoard event file in a directory per trial): autocompress keeps its own records, and
+    # writing them cost every trial time and left five files per trial in run_dir/tune
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 PIP = {"ray": "'ray[tune]==2.60.0'", "ray.tune": "'ray[tune]==2.60.0'", "sklearn": "scikit-learn"}
 DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO)
