@@ -1,6 +1,6 @@
 """Framework overhead per trial (issue item 3) and parallel scaling (item 4), side by side.
 
-    python benchmarks/overhead.py            # 60 no-work trials, 2 x 40 real trials (~6 min)
+    python benchmarks/overhead.py            # 60 no-work trials, 2 x 100 real trials (~5 min)
     python benchmarks/overhead.py --quick    # 12 and 2 x 10 trials (~2 min)
 
 Both use the real product path (``autocompress.search.run``: Optuna sampling, Ray Tune
@@ -153,9 +153,9 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--n-free", type=int, default=None, help="no-work trials (default 60)")
-    ap.add_argument("--n-real", type=int, default=None, help="real trials per run (default 40)")
+    ap.add_argument("--n-real", type=int, default=None, help="real trials per run (default 100)")
     args = ap.parse_args()
-    n_free, n_real = (12, 10) if args.quick else (60, 40)
+    n_free, n_real = (12, 10) if args.quick else (60, 100)
     n_free, n_real = args.n_free or n_free, args.n_real or n_real
     torch.manual_seed(0)
     load_before = loadavg()
