@@ -30,6 +30,21 @@ def _space() -> CompressionSpace:
     return CompressionSpace.from_model(model, knobs)
 
 
+def _searcher(
+    space: CompressionSpace, run_dir: Path, sampler: object, log_metrics: list[str] | None = None
+) -> ConstrainedOptunaSearch:
+    """The product's searcher on (accuracy max, size_bytes min) with the run's journal study."""
+    return ConstrainedOptunaSearch(
+        SpaceFn(space),
+        metric=["accuracy", "size_bytes"],
+        mode=["max", "min"],
+        sampler=sampler,
+        study_name=STUDY_NAME,
+        storage=study_storage(run_dir),
+        log_metrics=log_metrics or (),
+    )
+
+
 def test_journal_cut_by_a_kill_is_trimmed_and_appendable(tmp_path: Path) -> None:
     study = optuna.create_study(
         study_name=STUDY_NAME, storage=study_storage(tmp_path), directions=["maximize"]
@@ -73,15 +88,7 @@ def test_sizes_are_told_to_optuna_as_log10(tmp_path: Path) -> None:
     assert obj.log_scaled == ["size_bytes"]
     assert Objective(["accuracy", "size_bytes"], weights={"accuracy": 1.0}).log_scaled == []
     space = _space()
-    searcher = ConstrainedOptunaSearch(
-        SpaceFn(space),
-        metric=["accuracy", "size_bytes"],
-        mode=["max", "min"],
-        sampler=optuna.samplers.NSGAIISampler(seed=0),
-        study_name=STUDY_NAME,
-        storage=study_storage(tmp_path),
-        log_metrics=obj.log_scaled,
-    )
+    searcher = _searcher(space, tmp_path, optuna.samplers.NSGAIISampler(seed=0), obj.log_scaled)
     config = searcher.suggest("t1")
     assert "plan_json" in config
     result = {"status": "COMPLETE", "accuracy": 0.9, "size_bytes": 2500.0, "cv_0": -0.01}
@@ -122,14 +129,7 @@ def test_repeated_plans_are_sent_back_to_the_sampler(tmp_path: Path) -> None:
     knobs = Knobs(sparsity=None, bits=(2, 4))
     groups = [["fc1", "fc2", "fc3"]]  # one knob: two plans in the whole space
     space = CompressionSpace.from_model(model, knobs, groups=groups)
-    searcher = ConstrainedOptunaSearch(
-        SpaceFn(space),
-        metric=["accuracy", "size_bytes"],
-        mode=["max", "min"],
-        sampler=optuna.samplers.RandomSampler(seed=0),
-        study_name=STUDY_NAME,
-        storage=study_storage(tmp_path),
-    )
+    searcher = _searcher(space, tmp_path, optuna.samplers.RandomSampler(seed=0))
     seen = []
     for i in range(3):
         config = searcher.suggest(f"t{i}")
