@@ -118,15 +118,7 @@ def apply(
     sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
     set_sparsity(student, 0.0 if ramp_epochs else 1.0)
-    stopped = []
-
-    def stop_once(epochs_run: int, best: float) -> bool:
-        if stop is not None and stop(epochs_run, best):
-            stopped.append(epochs_run)
-            return True
-        return False
-
-    distill(
+    first = distill(
         student,
         teacher,
         task,
@@ -135,11 +127,11 @@ def apply(
         deadline=deadline,
         ramp=(lambda f: set_sparsity(student, f)) if ramp_epochs else None,
         ramp_epochs=ramp_epochs,
-        stop=stop_once if stop is not None else None,
+        stop=stop,
     )
     if codebooks:
         convert_codebooks(student)
-        left = 1 if stopped else max(1, ft.epochs - epochs)
+        left = 1 if first["stopped"] else max(1, ft.epochs - epochs)
         rest = FinetuneSettings(**{**asdict(ft), "epochs": left})
         distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline)
     return bake(student.cpu()).eval()

@@ -46,11 +46,13 @@ def distill(
     ramp, so a stopped model still has its planned sparsity); ``True`` ends the fine-tune there,
     keeping the best epoch (early stopping of hopeless candidates, see ``search.run``).
 
-    Returns ``{"epochs": epochs run, "val": best val metric}``.
+    Returns ``{"epochs": epochs run, "val": best val metric, "stopped": 1.0 if ``stop`` ended
+    it else 0.0}``.
     """
     s = settings
     if s.epochs <= 0:
-        return {"epochs": 0.0, "val": task.evaluate(student, "val")[task.metric_name]}
+        val = task.evaluate(student, "val")[task.metric_name]
+        return {"epochs": 0.0, "val": val, "stopped": 0.0}
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     device = next(student.parameters()).device
@@ -66,7 +68,7 @@ def distill(
     else:
         best = task.evaluate(student, "val")[task.metric_name]
         best_state = copy.deepcopy(student.state_dict())
-    bad, epochs = 0, 0
+    bad, epochs, stopped = 0, 0, False
     t = s.temperature
     for epoch in range(s.epochs):
         if epoch < ramp_epochs:
@@ -103,7 +105,8 @@ def distill(
             best, best_state, bad = score, copy.deepcopy(student.state_dict()), 0
         else:
             bad += 1
-        if bad >= s.patience or out_of_time or (stop is not None and stop(epochs, best)):
+        stopped = stop is not None and stop(epochs, best)
+        if bad >= s.patience or out_of_time or stopped:
             break
     if best_state is None:  # stopped by the deadline before the schedule ended
         ramp(1.0)
@@ -111,4 +114,4 @@ def distill(
     else:
         student.load_state_dict(best_state)
     student.eval()
-    return {"epochs": float(epochs), "val": float(best)}
+    return {"epochs": float(epochs), "val": float(best), "stopped": float(stopped)}
