@@ -215,9 +215,11 @@ def describe(res: dict, workers: int, epochs: int) -> str:
         + f"\n{verdict} A trial worker is flat if its heap (its own anonymous memory; RSS also "
         "counts shared pages such as libraries and Ray's object store) gains at most "
         f"{GROWTH_LIMIT_MB:.0f} MB from the middle to the end of the search. The driver's heap "
-        "holds Ray Tune's record of every trial (per-metric running statistics and the cached "
-        "JSON state of each Trial, found with tracemalloc), so it grows by a fixed amount per "
-        f"trial; more than {DRIVER_KB_PER_TRIAL:.0f} KB per trial would count as a leak.\n"
+        "holds Ray Tune's `Trial` object of every trial, finished ones included (autocompress "
+        "drops their per-metric running statistics when they end, "
+        "`search/_bookkeeping.py`; the rest is Tune's own state), so it grows by a fixed "
+        f"amount per trial; more than {DRIVER_KB_PER_TRIAL:.0f} KB per trial would count as a "
+        "leak.\n"
     )
 
 
