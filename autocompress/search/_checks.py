@@ -103,7 +103,7 @@ def space_needed(teacher_bytes: int, trials: int) -> int:
 
     Every trial keeps its artifact until the end (compressed artifacts are typically well under
     a quarter of the fp32 teacher) plus a record and Tune's per-trial files (~32 KiB); the
-    teacher is exported once; 16 MiB covers run.json, the tables, optuna.db and Tune's state.
+    teacher is exported once; 16 MiB covers run.json, the tables, optuna.journal and Tune's state.
     """
     return MIN_FREE_BYTES + 2 * teacher_bytes + trials * (teacher_bytes // 4 + (32 << 10))
 
