@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ task: digits-mlp
 space:
   knobs: {sparsity: [0.5, 0.9], bits: [4, 8], width: [0.5, 1.0]}
 finetune: {epochs: 2}
-search: {trials: 4, workers: 2}
+search: {trials: 4, workers: 2, early_stop: {after: 0.5, margin: 0.5}}
 """
 
 
@@ -61,6 +62,8 @@ def test_run_report_export_from_the_command_line(digits_mlp: Task, tmp_path: Pat
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "front" in out.stdout and (run_dir / "report.html").is_file()
+    settings = json.loads((run_dir / "run.json").read_text())["settings"]
+    assert settings["early_stop"] == {"after": 0.5, "margin": 0.5}  # YAML -> search.run
     pareto = pd.read_csv(run_dir / "pareto.csv")
     assert len(pareto) >= 1
     trial = str(pareto["trial_id"].iloc[0])
