@@ -9,12 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 from typer.testing import CliRunner
 
 from autocompress import Task, load
 from autocompress.cli import app
+from autocompress.search._tables import read_csv
 
 runner = CliRunner()
 EXP = """\
@@ -64,7 +64,7 @@ def test_run_report_export_from_the_command_line(digits_mlp: Task, tmp_path: Pat
     assert "front" in out.stdout and (run_dir / "report.html").is_file()
     settings = json.loads((run_dir / "run.json").read_text())["settings"]
     assert settings["early_stop"] == {"after": 0.5, "margin": 0.5}  # YAML -> search.run
-    pareto = pd.read_csv(run_dir / "pareto.csv")
+    pareto = read_csv(run_dir / "pareto.csv")
     assert len(pareto) >= 1
     trial = str(pareto["trial_id"].iloc[0])
     res = runner.invoke(app, ["report", str(run_dir)])

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
+
+from autocompress.search._tables import read_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
@@ -33,8 +34,8 @@ def test_runs_end_to_end_and_the_front_respects_the_budget(tmp_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "best kNN accuracy within 20,000 bytes" in proc.stdout
-    front = pd.read_csv(run_dir / "pareto.csv")
-    trials = pd.read_csv(run_dir / "trials.csv")
+    front = read_csv(run_dir / "pareto.csv")
+    trials = read_csv(run_dir / "trials.csv")
     assert len(trials) == 4 and (trials["status"] == "COMPLETE").all()
     assert len(front) >= 1
     assert (front["size_bytes"] <= 20_000).all() and front["feasible"].all()

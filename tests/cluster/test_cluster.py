@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pandas as pd
+from autocompress.search._tables import read_csv
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,7 +68,7 @@ def test_search_runs_on_every_node_of_a_real_cluster(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "TRIALS 9" in out.stdout
-    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    trials = read_csv(tmp_path / "run" / "trials.csv")
     assert len(trials) == 9 and (trials["status"] == "COMPLETE").sum() >= 8
     nodes = set(probe.read_text().split())
     assert len(nodes) >= 2, f"all trials ran on one node: {nodes}"
