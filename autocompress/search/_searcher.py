@@ -35,8 +35,6 @@ def make_sampler(name: str, seed: int, trials: int) -> Any:
     still evolves. At 100 trials on digits-mlp TPE found fronts with more hypervolume than
     NSGA-II, random sampling and a uniform grid (docs/benchmarks.md, *Search quality*).
     """
-    import optuna
-
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(
             seed=seed, population_size=max(4, min(50, trials // 5))
@@ -211,6 +209,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
         self._seen_plans: dict[str, str] = {}
         self._plan_of: dict[str, str] = {}
+        self._running: dict[str, str] = {}  # plan -> the trial evaluating it now
         self._log_metrics = tuple(log_metrics)
         self._exhausted = False
 
@@ -231,16 +230,19 @@ class ConstrainedOptunaSearch(OptunaSearch):
             del self._ot_trials[trial_id]
         key = config["plan_json"]
         self._plan_of[trial_id] = key
+        self._running_plans().setdefault(key, trial_id)
         if key in self._seen_plans:
             config["duplicate_of"] = self._seen_plans[key]
         return config
 
     def _first_with(self, plan_json: str) -> str | None:
         """The trial that evaluated (or is evaluating) ``plan_json`` in this run, if any."""
-        if plan_json in self._seen_plans:
-            return self._seen_plans[plan_json]
-        running = (t for t, k in self._plan_of.items() if k == plan_json)
-        return next((t for t in running if t not in self._completed_trials), None)
+        return self._seen_plans.get(plan_json) or self._running_plans().get(plan_json)
+
+    def _running_plans(self) -> dict[str, str]:
+        if not hasattr(self, "_running"):  # a searcher pickled before this attribute existed
+            self._running = {}
+        return self._running
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         return None  # one report per trial: everything happens in on_trial_complete
@@ -260,6 +262,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 except Exception as e:  # e.g. the trial was already told before a restore
                     log.debug("set_constraint on %s failed: %s", trial_id, e)
         plan_key = self._plan_of.get(trial_id)
+        if plan_key is not None and self._running_plans().get(plan_key) == trial_id:
+            del self._running[plan_key]
         if plan_key is not None and result and result.get("status") in ("COMPLETE", "FAILED"):
             self._seen_plans.setdefault(plan_key, result.get("duplicate_of") or trial_id)
         if failed:
