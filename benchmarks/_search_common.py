@@ -78,6 +78,44 @@ def val_front(df: Any) -> Any:
     return df[mask]
 
 
+MAX_DROP = 0.01
+"""The benchmarks' accuracy constraint: at most 1 point below the teacher (on val in the search)."""
+
+
+def val_chosen(
+    front: Any,
+    teacher_val_acc: float,
+    *,
+    by: str = "size_bytes",
+    largest: bool = False,
+    max_drop: float = MAX_DROP,
+) -> Any:
+    """The headline member of a front, chosen on **val** only; ``None`` if no member qualifies.
+
+    Among the rows whose val ``accuracy`` is at most ``max_drop`` below ``teacher_val_acc`` (and
+    ``feasible``, where that column exists), the one with the smallest ``by`` (the largest with
+    ``largest=True``; ties go to the higher val accuracy). No test column is read: the member is
+    what a user of the search would pick, and its test metrics are then reported as they are.
+
+    Example:
+        >>> import pandas as pd
+        >>> f = pd.DataFrame({"accuracy": [0.95, 0.97], "size_bytes": [100, 200],
+        ...                   "test_accuracy": [0.99, 0.90]})
+        >>> int(val_chosen(f, 0.975)["size_bytes"])  # 0.95 is 2.5 points below on val
+        200
+    """
+    if front is None or len(front) == 0:
+        return None
+    ok = front[front["accuracy"].astype(float) >= teacher_val_acc - max_drop - 1e-9]
+    if "feasible" in ok:
+        ok = ok[ok["feasible"].astype(bool)]
+    if len(ok) == 0:
+        return None
+    ok = ok.sort_values(["accuracy"], ascending=False, kind="stable")
+    ok = ok.sort_values([by], ascending=not largest, kind="stable")
+    return ok.iloc[0]
+
+
 def front_hv(pareto: Any, teacher_acc: float, teacher_bytes: float) -> float:
     """Hypervolume of a val-chosen front scored with its test accuracy (see module doc)."""
     if len(pareto) == 0 or "test_accuracy" not in pareto:

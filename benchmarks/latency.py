@@ -8,8 +8,8 @@ median of repeats; spread = interquartile range of the per-round values):
 3. int8 vs fp32 in ONNX Runtime on Linear-heavy models (digits-mlp, a wide MLP).
 4. A search (``experiments/mnist1d_latency.yaml``: accuracy vs measured latency at batch 256,
    as ``speedup`` over the teacher; ``accuracy_drop <= 0.01``) on mnist1d-cnn, through the
-   Python API: the fastest front member within one point of the teacher's test accuracy,
-   re-measured against the teacher.
+   Python API: the fastest front member within one point of the teacher's **val** accuracy
+   (chosen on val only), re-measured against the teacher and reported with its test accuracy.
 
     python benchmarks/latency.py                 # all four, ~12 min on 2 cores
     python benchmarks/latency.py --skip-search   # 1-3 only, ~30 s
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -247,33 +248,62 @@ def _search_result(trials: int | None, run_dir: str, reuse: bool):
     return task, exp, result, load
 
 
+TARGET_SPEEDUP = 3.0  # issue 5: >= 3x faster than the teacher at batch 256, within 1 pt on test
+MAX_DROP = 0.01
+
+
+def val_fastest(front, teacher_val_acc: float, max_drop: float = MAX_DROP):
+    """The headline member, chosen on val only: among front members whose val accuracy is at
+    most ``max_drop`` below the teacher's, the one with the highest in-search ``speedup`` (what
+    the search recorded; no test score and no later timing is read). ``None`` if none qualifies.
+
+    Example:
+        >>> import pandas as pd
+        >>> f = pd.DataFrame({"trial_id": ["a", "b"], "accuracy": [0.95, 0.97],
+        ...                   "speedup": [5.0, 3.0], "test_accuracy": [0.99, 0.90]})
+        >>> val_fastest(f, 0.975)["trial_id"]  # "a" is 2.5 points below the teacher on val
+        'b'
+    """
+    ok = front[front["accuracy"].astype(float) >= teacher_val_acc - max_drop - 1e-9]
+    if "feasible" in ok:
+        ok = ok[ok["feasible"].astype(bool)]
+    if ok.empty:
+        return None
+    return ok.sort_values("speedup", ascending=False, kind="stable").iloc[0]
+
+
 def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str:
-    """Question 4: search accuracy vs latency (batch 256); among the front members within one
-    point of the teacher's test accuracy, re-measure each (ONNX Runtime, batch 256, 150
-    rounds), pick the fastest, and measure it once more, independently (300 rounds, both
-    batch sizes and runtimes): that last number is the headline, free of selection bias."""
+    """Question 4: search accuracy vs latency (batch 256). The headline member is chosen on val
+    only: the front member with the highest in-search speedup among those within one point of
+    the teacher's val accuracy. It is then measured once more, independently (300 rounds, both
+    batch sizes and runtimes): that last number is the headline, free of selection bias, reported
+    with the member's test accuracy; the target (3x, within 1 point on test) is judged on it."""
     task, exp, result, search_load = _search_result(trials, run_dir, reuse)
     wall = float(result.info.get("wall_time_s", float("nan")))
+    settings = result.info.get("settings", {})
+    workers = settings.get("workers", exp.search.workers)
     n_trials = len(result.trials)
     t_acc = float(result.teacher["test"]["accuracy"])
+    v_acc = float(result.teacher["val"]["accuracy"])
+    n_val, n_test = len(task.data("val")), len(task.data("test"))
     front = result.pareto.copy()
     if front.empty:
         raise SystemExit(f"latency search: empty front: {result.message}")
     front["test_drop"] = t_acc - front["test_accuracy"]
-    ok = front[front["test_drop"] <= 0.01 + 1e-9]
-    if ok.empty:
-        raise SystemExit("latency search: no front member within 1 point of the teacher on test")
+    front["val_drop"] = v_acc - front["accuracy"]
+    best = val_fastest(front, v_acc)
+    if best is None:
+        raise SystemExit("latency search: no front member within 1 point of the teacher on val")
+    tid = str(best["trial_id"])
     teacher, x = task.teacher(), task.example_input(64)
     teacher_macs = macs(teacher, task.example_input(1))
     load_measure = load_average()
     screen = {}
-    for tid in ok["trial_id"]:
+    for t in front["trial_id"]:  # for reference only: not used to choose
         r = latency_and_speedup(
-            result.load_model(tid), teacher, x, (256,), warmup=5, repeats=150, threads=1
+            result.load_model(t), teacher, x, (256,), warmup=5, repeats=150, threads=1
         )
-        screen[tid] = (r["speedup@256"], r["speedup_iqr@256"])
-    tid = max(screen, key=lambda t: screen[t][0])
-    best = ok[ok["trial_id"] == tid].iloc[0]
+        screen[t] = (r["speedup@256"], r["speedup_iqr@256"])
     model = result.load_model(tid)
     load_final = load_average()
     final = {
@@ -287,18 +317,18 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
         tid_r = r["trial_id"]
         rows.append(
             {
-                "trial": r["trial_id"],
+                "chosen on val": "yes" if str(tid_r) == tid else "",
+                "trial": tid_r,
                 "plan": _knobs(r),
                 "val acc": f"{r['accuracy']:.3f}",
+                "val drop (pt)": f"{100 * r['val_drop']:+.1f}",
                 "test acc": f"{r['test_accuracy']:.3f}",
                 "test drop (pt)": f"{100 * r['test_drop']:+.1f}",
                 "bytes": f"{int(r['size_bytes']):,}",
                 "MACs ratio": f"{teacher_macs / macs(result.load_model(tid_r), x[:1]):.2f}x",
                 "speedup (in trial)": ratio(r["speedup"], r["speedup_iqr"]),
                 "speedup (test re-score)": ratio(r["test_speedup"], r["test_speedup_iqr"]),
-                "speedup (150 rounds)": ratio(*screen[r["trial_id"]])
-                if r["trial_id"] in screen
-                else "- (> 1 pt)",
+                "speedup (150 rounds)": ratio(*screen[tid_r]),
             }
         )
     re_rows = []
@@ -321,40 +351,63 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
                 }
             )
     head = final["onnxruntime"]["speedup@256"]
-    print(f"latency search: trial {tid} speedup {head:.2f}x at batch 256", flush=True)
+    drop = float(best["test_drop"])
+    why = []
+    if head < TARGET_SPEEDUP:
+        why.append(f"{head:.2f}x < {TARGET_SPEEDUP:g}x")
+    if drop > MAX_DROP + 1e-9:
+        why.append(f"test drop {100 * drop:.1f} pt > {100 * MAX_DROP:.0f}")
+    verdict = "met" if not why else f"missed ({'; '.join(why)})"
+    n_test_ok = int((front["test_drop"] <= MAX_DROP + 1e-9).sum())
+    print(
+        f"latency search: trial {tid} speedup {head:.2f}x at batch 256, test drop "
+        f"{100 * drop:+.1f} pt: target {verdict}",
+        flush=True,
+    )
     counts = result.info.get("counts", {})
     return "\n".join(
         [
             f"`search.run` on `{EXPERIMENT.relative_to(ROOT)}` (mnist1d-cnn; objectives accuracy "
             "and latency as `speedup` = teacher latency / latency, ONNX Runtime, batch 256, 1 "
             "thread, timed interleaved with the dense teacher in the same worker; "
-            f"`accuracy_drop <= 0.01` on val): {n_trials} trials, {exp.search.workers} workers, "
-            f"{counts} in {wall / 60:.1f} min (1-minute load average during the search: "
-            f"{search_load}; 2 cores). Teacher test accuracy {t_acc:.3f}; {len(front)} front "
-            f"members, {len(ok)} within 1 point of it on test.",
+            f"`accuracy_drop <= {MAX_DROP}` on the {n_val:,}-example val split): {n_trials} "
+            f"trials, {workers} workers, {counts} in {wall / 60:.1f} min (1-minute load average "
+            f"during the search: {search_load}; {os.cpu_count()} cores). Teacher val accuracy "
+            f"{v_acc:.3f}, test accuracy {t_acc:.3f} ({n_test:,} test examples); "
+            f"{len(front)} front members.",
             "",
-            f"**Fastest front member within 1 point of the teacher's test accuracy: trial {tid}, "
-            f"{head:.2f}x faster than the teacher at batch 256 in ONNX Runtime** "
-            f"({_knobs(best)}; test accuracy {best['test_accuracy']:.3f} vs {t_acc:.3f}; "
-            f"{int(best['size_bytes']):,} bytes).",
+            "**The headline member is chosen on val only**: the front member with the highest "
+            f"in-search speedup among those within {100 * MAX_DROP:.0f} point of the teacher's "
+            "val accuracy (what a user reading `pareto.csv` would pick, without looking at "
+            "test). Its speedup is then measured again, independently (below), and its test "
+            f"accuracy is reported as it is. Target (issue 5): at least {TARGET_SPEEDUP:g}x "
+            "faster than the teacher at batch 256 in the same runtime, within 1 point of its test "
+            "accuracy.",
+            "",
+            f"**Chosen on val: trial {tid}, {head:.2f}x faster than the teacher at batch 256 in "
+            f"ONNX Runtime, test accuracy {best['test_accuracy']:.3f} vs {t_acc:.3f} (test drop "
+            f"{100 * drop:+.1f} pt). Target {TARGET_SPEEDUP:g}x within 1 point on test: "
+            f"{verdict}.** ({_knobs(best)}; {int(best['size_bytes']):,} bytes.) For reference "
+            f"only (this looks at test): {n_test_ok} of the {len(front)} front members are "
+            "within 1 point of the teacher on test.",
             "",
             "### The front",
             "",
             "`MACs ratio`: teacher MACs / member MACs per example (analytic). "
             "Speedups are medians of per-round teacher/model ratios (± half their IQR): "
             "`in trial` was measured inside the search (25 rounds, while the other worker was "
-            "fine-tuning), `test re-score` when the front was re-scored from the reloaded "
-            "artifacts after the search (25 rounds), `150 rounds` by this script afterwards "
-            "for the members within 1 point, to choose the fastest "
-            f"(1-minute load average {load_measure:.1f} at that point).",
+            "fine-tuning) and is what the choice uses, `test re-score` when the front was "
+            "re-scored from the reloaded artifacts after the search (25 rounds), `150 rounds` by "
+            "this script afterwards for every member, for reference only (not used to choose; "
+            f"1-minute load average {load_measure:.1f} at that point).",
             "",
             table(rows, list(rows[0])),
             f"### Trial {tid} measured again, independently (300 interleaved rounds)",
             "",
             "A fresh measurement of the chosen member (model reloaded from its artifact), so the "
             "headline is not the maximum of noisy numbers "
-            f"(1-minute load average {load_final:.1f} on 2 cores; above ~2, other jobs preempt "
-            "the longer teacher calls more often and speedups read high, see "
+            f"(1-minute load average {load_final:.1f} on {os.cpu_count()} cores; above ~2, other "
+            "jobs preempt the longer teacher calls more often and speedups read high, see "
             "docs/objectives.md).",
             "",
             table(re_rows, list(re_rows[0])),

@@ -108,3 +108,52 @@ def test_sequential_builders(space):
 def test_mean_spread():
     assert sc.mean_spread([1.0, 3.0]) == "2.0000 ± 1.4142"
     assert sc.mean_spread([2.0]) == "2.0000 ± 0.0000"
+
+
+# ----------------------------------------------------------------------------- headlines on val
+
+
+def _front():
+    # teacher: val 0.98, test 0.97; the smallest member holds on val (drop 0.9 pt) but not on
+    # test (drop 2 pt), the next is 1.5 pt below on val but perfect on test
+    return pd.DataFrame(
+        {
+            "trial_id": ["small", "peek", "mid", "big"],
+            "accuracy": [0.971, 0.965, 0.975, 0.98],
+            "size_bytes": [100.0, 150.0, 200.0, 400.0],
+            "test_accuracy": [0.95, 0.97, 0.965, 0.97],
+            "speedup": [6.0, 9.0, 4.0, 2.0],
+            "feasible": [True, True, True, True],
+        }
+    )
+
+
+def test_val_chosen_ignores_test_and_picks_the_smallest_within_one_val_point():
+    pick = sc.val_chosen(_front(), 0.98)
+    assert pick["trial_id"] == "small"  # 2 points below on test: still the val choice
+    largest = sc.val_chosen(_front(), 0.98, by="speedup", largest=True)
+    assert largest["trial_id"] == "small"  # "peek" is faster but 1.5 points below on val
+    changed = _front().assign(test_accuracy=[0.0, 1.0, 1.0, 1.0])
+    assert sc.val_chosen(changed, 0.98)["trial_id"] == "small"
+
+
+def test_val_chosen_respects_feasible_and_returns_none():
+    f = _front().assign(feasible=[False, True, True, True])
+    assert sc.val_chosen(f, 0.98)["trial_id"] == "mid"
+    assert sc.val_chosen(_front(), 0.999) is None
+    assert sc.val_chosen(_front().iloc[:0], 0.98) is None
+
+
+def test_latency_headline_is_chosen_on_val():
+    latency = pytest.importorskip("latency")
+    assert latency.val_fastest(_front(), 0.98)["trial_id"] == "small"
+    assert latency.val_fastest(_front(), 0.999) is None
+
+
+def test_targets_are_judged_on_the_test_drop_of_the_val_chosen_member():
+    import search_quality as sq
+
+    assert sq._judge(90.0, 0.005, 80.0) == "met"
+    assert sq._judge(90.0, 0.011, 80.0) == "missed (test drop 1.10 pt > 1)"
+    assert sq._judge(70.0, 0.0, 80.0) == "missed (70.0x < 80x)"
+    assert sq._judge(0.0, None, 80.0).startswith("missed (no val-feasible")
