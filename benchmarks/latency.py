@@ -387,7 +387,13 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
             f"**Chosen on val: trial {tid}, {head:.2f}x faster than the teacher at batch 256 in "
             f"ONNX Runtime, test accuracy {best['test_accuracy']:.3f} vs {t_acc:.3f} (test drop "
             f"{100 * drop:+.1f} pt). Target {TARGET_SPEEDUP:g}x within 1 point on test: "
-            f"{verdict}.** ({_knobs(best)}; {int(best['size_bytes']):,} bytes.) For reference "
+            f"{verdict}.**"
+            + (
+                f" (Measured at a 1-minute load average of {load_final:.1f}: see below.)"
+                if load_final > 2
+                else ""
+            )
+            + f" ({_knobs(best)}; {int(best['size_bytes']):,} bytes.) For reference "
             f"only (this looks at test): {n_test_ok} of the {len(front)} front members are "
             "within 1 point of the teacher on test.",
             "",
@@ -408,7 +414,13 @@ def latency_search(trials: int | None, run_dir: str, reuse: bool = False) -> str
             "headline is not the maximum of noisy numbers "
             f"(1-minute load average {load_final:.1f} on {os.cpu_count()} cores; above ~2, other "
             "jobs preempt the longer teacher calls more often and speedups read high, see "
-            "docs/objectives.md).",
+            "docs/objectives.md)."
+            + (
+                f" **This measurement ran at a load of {load_final:.1f}: its speedups likely read "
+                "high; re-measure on an idle machine (`--reuse`) before quoting them.**"
+                if load_final > 2
+                else ""
+            ),
             "",
             table(re_rows, list(re_rows[0])),
         ]
