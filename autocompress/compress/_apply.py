@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from autocompress.compress._finetune import distill
+from autocompress.compress._finetune import distill, soft_targets
 from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import set_quant_records
 from autocompress.compress._quant import (
@@ -24,6 +24,7 @@ from autocompress.errors import PlanError
 from autocompress.spaces._discover import discover_layers
 from autocompress.spaces._plan import FinetuneSettings, Plan
 from autocompress.tasks._base import Task
+from autocompress.tasks._batch import Inputs
 
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
@@ -42,7 +43,7 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             )
 
 
-def restructure(model: nn.Module, plan: Plan, example_input: torch.Tensor) -> nn.Module:
+def restructure(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
     """A copy of ``model`` with the plan's structural steps only: width shrink, then low-rank.
 
     Shapes depend only on the architecture and the plan, so the artifact loader calls this on an
@@ -63,7 +64,7 @@ def apply(
     task: Task | None = None,
     *,
     teacher: nn.Module | None = None,
-    example_input: torch.Tensor | None = None,
+    example_input: Inputs | None = None,
     seed: int = 0,
     deadline: float | None = None,
     device: str | torch.device = "cpu",
@@ -118,6 +119,7 @@ def apply(
     sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
     set_sparsity(student, 0.0 if ramp_epochs else 1.0)
+    soft = soft_targets(teacher, task)  # once, for both fine-tunes of a codebook plan
     first = distill(
         student,
         teacher,
@@ -128,10 +130,11 @@ def apply(
         ramp=(lambda f: set_sparsity(student, f)) if ramp_epochs else None,
         ramp_epochs=ramp_epochs,
         stop=stop,
+        soft=soft,
     )
     if codebooks:
         convert_codebooks(student)
         left = 1 if first["stopped"] else max(1, ft.epochs - epochs)
         rest = FinetuneSettings(**{**asdict(ft), "epochs": left})
-        distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline)
+        distill(student, teacher, task, rest, seed=seed + 1, deadline=deadline, soft=soft)
     return bake(student.cpu()).eval()

@@ -1,11 +1,19 @@
-"""Knowledge-distillation fine-tune of a compressed student from its teacher."""
+"""Knowledge-distillation fine-tune of a compressed student from its teacher.
+
+The loop a practitioner would write: batches streamed from the task's data (a seeded shuffle of
+in-memory data, DataLoaders as given), teacher outputs computed once per call on in-memory data
+and per batch under ``no_grad`` for streamed data, autocast on CUDA (bf16 where supported, else
+fp16 with a gradient scaler), gradient accumulation, a step and a time budget, and no host sync
+per step: the loss is summed on the device and checked for finiteness once per epoch.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,10 +21,103 @@ from torch.nn import functional as F
 
 from autocompress.spaces._plan import FinetuneSettings
 from autocompress.tasks._base import Task
+from autocompress.tasks._batch import (
+    call_model,
+    model_device,
+    pick_output,
+    select,
+    split_batch,
+    to_device,
+)
+from autocompress.tasks._data import full_batch
+from autocompress.tasks._train import Snapshot, task_loss
 
 
 class FinetuneDiverged(RuntimeError):
     """The fine-tune loss became NaN or infinite."""
+
+
+def soft_targets(teacher: nn.Module, task: Task) -> torch.Tensor | None:
+    """The teacher's selected outputs on the whole in-memory train split (CPU), or ``None`` when
+    the split is streamed (then they are computed per batch)."""
+    if full_batch(task.data("train")) is None:
+        return None
+    return task.predict(teacher, "train")
+
+
+def distill_loss(
+    task: Task,
+    out: torch.Tensor,
+    soft: torch.Tensor,
+    targets: Any,
+    settings: FinetuneSettings,
+) -> torch.Tensor:
+    """Distillation loss of student outputs ``out`` against teacher outputs ``soft``.
+
+    Classification: ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE`` over the
+    last axis (every position of ``(N, T, C)`` logits); regression: ``alpha * MSE(student,
+    teacher) + (1 - alpha) * MSE(student, y)``; without labels only the distillation term.
+    Embedding: ``MSE`` or ``1 - cosine`` to the teacher (``task.embedding_loss``).
+
+    Example:
+        >>> from autocompress.tasks import get_task
+        >>> z = torch.randn(4, 10)
+        >>> float(distill_loss(get_task("digits-mlp"), z, z, None, FinetuneSettings()))
+        0.0
+    """
+    out, soft = out.float(), soft.float()
+    if task.kind == "embedding":
+        if task.embedding_loss == "cosine":
+            return 1.0 - F.cosine_similarity(out, soft, dim=-1).mean()
+        return F.mse_loss(out, soft)
+    if task.kind == "classification":
+        t, c = settings.temperature, out.shape[-1]
+        kd = F.kl_div(
+            F.log_softmax(out.reshape(-1, c) / t, dim=1),
+            F.softmax(soft.reshape(-1, c) / t, dim=1),
+            reduction="batchmean",
+        ) * (t * t)
+    else:
+        kd = F.mse_loss(out, soft)
+    if targets is None or not isinstance(targets, torch.Tensor):
+        return kd
+    return settings.alpha * kd + (1 - settings.alpha) * task_loss(task, out, targets)
+
+
+def _amp(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype on CUDA (bf16 if supported, else fp16), ``None`` elsewhere."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _batches(
+    task: Task,
+    teacher: nn.Module,
+    soft: torch.Tensor | None,
+    batch_size: int,
+    gen: torch.Generator,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> Iterator[tuple[Any, Any, torch.Tensor]]:
+    """``(inputs, targets, teacher outputs)`` per training batch, on ``device``."""
+    full = full_batch(task.data("train"))
+    if full is not None and soft is not None:
+        inputs, targets = split_batch(full, task.label_key)
+        perm = torch.randperm(len(soft), generator=gen)
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            yield (
+                to_device(select(inputs, idx), device),
+                to_device(select(targets, idx), device) if targets is not None else None,
+                soft[idx].to(device, non_blocking=True),
+            )
+        return
+    for inputs, targets in task.batches("train", batch_size, shuffle=True, generator=gen):
+        inputs = to_device(inputs, device)
+        with torch.no_grad(), autocast():
+            t_out = pick_output(call_model(teacher, inputs), task.output)
+        yield inputs, to_device(targets, device), t_out
 
 
 def distill(
@@ -30,13 +131,16 @@ def distill(
     ramp: Callable[[float], None] | None = None,
     ramp_epochs: int = 0,
     stop: Callable[[int, float], bool] | None = None,
+    soft: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Fine-tune ``student`` in place from ``teacher``'s soft targets and the labels.
+    """Fine-tune ``student`` in place from ``teacher``'s outputs and the labels.
 
-    Loss: ``alpha * T^2 * KL(student/T || teacher/T) + (1 - alpha) * CE`` for classification,
-    ``alpha * MSE(student, teacher) + (1 - alpha) * MSE(student, y)`` for regression. Early
-    stopping on the validation metric restores the best epoch. ``deadline`` (a
-    ``time.monotonic()`` value) stops training early, keeping the best epoch so far.
+    Loss: :func:`distill_loss`. Runs on the student's device (the teacher must be on the same
+    one). Early stopping on the validation metric restores the best epoch. ``deadline`` (a
+    ``time.monotonic()`` value) and ``settings.max_seconds`` stop training early, as does
+    ``settings.max_steps`` (optimizer steps), keeping the best epoch so far; budgets are
+    checked after every step without a device sync. ``soft`` may pass the teacher's outputs
+    on the in-memory train split when the caller already has them (``soft_targets``).
 
     ``ramp(fraction)`` is called before each of the first ``ramp_epochs`` epochs with a cubic
     schedule reaching 1.0 at the last of them (gradual magnitude pruning); only epochs at the
@@ -47,71 +151,99 @@ def distill(
     keeping the best epoch (early stopping of hopeless candidates, see ``search.run``).
 
     Returns ``{"epochs": epochs run, "val": best val metric, "stopped": 1.0 if ``stop`` ended
-    it else 0.0}``.
+    it else 0.0, "steps": optimizer steps}``.
     """
     s = settings
     if s.epochs <= 0:
         val = task.evaluate(student, "val")[task.metric_name]
-        return {"epochs": 0.0, "val": val, "stopped": 0.0}
+        return {"epochs": 0.0, "val": val, "stopped": 0.0, "steps": 0.0}
+    if s.max_seconds > 0:
+        end = time.monotonic() + s.max_seconds
+        deadline = end if deadline is None else min(deadline, end)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    device = next(student.parameters()).device
-    x, y = (t.to(device) for t in task.data("train").tensors)
-    with torch.no_grad():
-        soft = task.predict(teacher, "train").to(device)
+    device = model_device(student)
+    teacher.eval()
+    if soft is None:
+        soft = soft_targets(teacher, task)
+    dtype = _amp(device, s.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16)
+
+    def autocast() -> Any:
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.epochs)
     ramp_epochs = min(ramp_epochs, s.epochs) if ramp is not None else 0
+    snap = Snapshot()
     if ramp_epochs:
-        best, best_state = -math.inf, None
+        best = -math.inf
     else:
         best = task.evaluate(student, "val")[task.metric_name]
-        best_state = copy.deepcopy(student.state_dict())
-    bad, epochs, stopped = 0, 0, False
-    t = s.temperature
+        snap.save(student)
+    bad, epochs, steps, stopped, out_of_budget = 0, 0, 0, False, False
+    accum = s.accum_steps
+    opt.zero_grad(set_to_none=True)
     for epoch in range(s.epochs):
         if epoch < ramp_epochs:
             ramp(1.0 - (1.0 - (epoch + 1) / ramp_epochs) ** 3)
         student.train()
-        perm = torch.randperm(len(x), generator=gen).to(device)
-        for i in range(0, len(x), s.batch_size):
-            idx = perm[i : i + s.batch_size]
-            out = student(x[idx])
-            if task.kind == "classification":
-                kd = F.kl_div(
-                    F.log_softmax(out / t, dim=1),
-                    F.softmax(soft[idx] / t, dim=1),
-                    reduction="batchmean",
-                ) * (t * t)
-                hard = F.cross_entropy(out, y[idx])
-            else:
-                kd, hard = F.mse_loss(out, soft[idx]), F.mse_loss(out, y[idx])
-            loss = s.alpha * kd + (1 - s.alpha) * hard
-            if not math.isfinite(loss.item()):
-                raise FinetuneDiverged(f"fine-tune loss became {float(loss)}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        loss_sum = torch.zeros((), device=device)
+        micro = 0
+        for inputs, targets, t_out in _batches(
+            task, teacher, soft, s.batch_size, gen, device, autocast
+        ):
+            with autocast():
+                out = pick_output(call_model(student, inputs), task.output)
+            loss = distill_loss(task, out, t_out, targets, s)
+            loss_sum += loss.detach()
+            scaler.scale(loss / accum if accum > 1 else loss).backward()
+            micro += 1
+            if micro % accum == 0:
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                steps += 1
+                out_of_budget = (s.max_steps > 0 and steps >= s.max_steps) or (
+                    deadline is not None and time.monotonic() > deadline
+                )
+                if out_of_budget:
+                    break
+        if micro % accum:  # the epoch's last, partial accumulation
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+        if not bool(torch.isfinite(loss_sum)):  # one host sync per epoch
+            raise FinetuneDiverged(f"fine-tune loss became {float(loss_sum)}")
         sched.step()
         epochs += 1
-        out_of_time = deadline is not None and time.monotonic() > deadline
+        out_of_budget = out_of_budget or (deadline is not None and time.monotonic() > deadline)
         if epoch < ramp_epochs - 1:
-            if out_of_time:
+            if out_of_budget:
                 break
             continue
         score = task.evaluate(student, "val")[task.metric_name]
         if score > best:
-            best, best_state, bad = score, copy.deepcopy(student.state_dict()), 0
+            best, bad = score, 0
+            snap.save(student)
         else:
             bad += 1
         stopped = stop is not None and stop(epochs, best)
-        if bad >= s.patience or out_of_time or stopped:
+        if bad >= s.patience or out_of_budget or stopped:
             break
-    if best_state is None:  # stopped by the deadline before the schedule ended
+    if snap.state is None:  # stopped by a budget before the schedule ended
         ramp(1.0)
         best = task.evaluate(student, "val")[task.metric_name]
     else:
-        student.load_state_dict(best_state)
+        snap.restore(student)
     student.eval()
-    return {"epochs": float(epochs), "val": float(best), "stopped": float(stopped)}
+    return {
+        "epochs": float(epochs),
+        "val": float(best),
+        "stopped": float(stopped),
+        "steps": float(steps),
+    }

@@ -75,6 +75,17 @@ class FinetuneSettings:
         batch_size: mini-batch size.
         ramp: fraction of the epochs over which sparsity grows gradually to its target (cubic
             schedule, Zhu & Gupta 2017); 0 prunes at once before fine-tuning.
+        accum_steps: mini-batches whose gradients are summed before one optimizer step
+            (gradient accumulation: an effective batch of ``batch_size * accum_steps``).
+        max_steps: optimizer-step budget of one fine-tune (0: no limit); the fine-tune ends at
+            the budget, evaluates and keeps the best weights (a calibration-only trial uses a
+            small budget).
+        max_seconds: wall-clock budget of one fine-tune in seconds (0: no limit), checked after
+            every step without a device sync.
+        amp: on CUDA, run forward passes under autocast (bf16 where supported, else fp16 with a
+            gradient scaler); ignored on the CPU.
+
+    Plans saved before a field existed still load: a missing key takes its default.
     """
 
     epochs: int = 30
@@ -84,6 +95,10 @@ class FinetuneSettings:
     patience: int = 6
     batch_size: int = 64
     ramp: float = 0.33
+    accum_steps: int = 1
+    max_steps: int = 0
+    max_seconds: float = 0.0
+    amp: bool = True
 
     def __post_init__(self) -> None:
         for name in ("lr", "temperature", "alpha", "ramp"):
@@ -102,8 +117,15 @@ class FinetuneSettings:
             raise PlanError(f"finetune.patience={self.patience!r} must be an integer >= 1")
         if not 0.0 <= self.ramp <= 1.0:
             raise PlanError(f"finetune.ramp={self.ramp!r} must be in [0, 1]")
-        if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
-            raise PlanError(f"finetune.batch_size={self.batch_size!r} must be an integer >= 1")
+        for name, low in (("batch_size", 1), ("accum_steps", 1), ("max_steps", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise PlanError(f"finetune.{name}={v!r} must be an integer >= {low}")
+        v = self.max_seconds
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+            raise PlanError(f"finetune.max_seconds={v!r} must be a finite number >= 0 (0: none)")
+        if not isinstance(self.amp, bool):
+            raise PlanError(f"finetune.amp={self.amp!r} must be true or false")
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,27 @@ def take(inputs: Inputs, n: int) -> Inputs:
     return tuple(cut(v) for v in inputs)
 
 
+def select(inputs: Any, idx: torch.Tensor | slice) -> Any:
+    """``inputs`` (a tensor, tuple or dict, or a whole in-memory batch) at example indices
+    ``idx``: every batched tensor is indexed, anything else is kept as it is.
+
+    Example:
+        >>> select({"ids": torch.arange(4), "n": 3}, torch.tensor([2, 0]))["ids"].tolist()
+        [2, 0]
+    """
+    if isinstance(inputs, torch.Tensor):
+        return inputs[idx]
+    if isinstance(inputs, Mapping):
+        return {k: select(v, idx) if _batched(v) else v for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(select(v, idx) if _batched(v) else v for v in inputs)
+    return inputs
+
+
+def _batched(v: Any) -> bool:
+    return isinstance(v, Mapping | tuple | list) or (isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of ``model``'s first parameter (or buffer); CPU for a module with neither."""
     for t in model.parameters():
