@@ -32,11 +32,14 @@ def front_plot(
     teacher: dict | None = None,
     logx: bool = True,
 ) -> Path | None:
-    """Scatter of every finished trial, feasible ones filled, the front as a step line."""
+    """Scatter of every complete trial (feasible filled, infeasible crosses), the front as a
+    step line, the teacher as a star."""
     if x not in trials or y not in trials:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ok = trials[trials.get("status", "ok").eq("ok")] if "status" in trials else trials
+    ok = trials[trials["status"] == "COMPLETE"] if "status" in trials else trials
+    if "duplicate_of" in ok:  # a reused result is the same point as its original
+        ok = ok[ok["duplicate_of"].fillna("") == ""]
     feas = ok["feasible"].astype(bool) if "feasible" in ok else pd.Series(True, index=ok.index)
     ax.scatter(ok[x][feas], ok[y][feas], s=14, c="#7a9cc6", label="feasible trials")
     ax.scatter(ok[x][~feas], ok[y][~feas], s=14, c="#d9a0a0", marker="x", label="infeasible")
@@ -92,8 +95,8 @@ def hypervolume_plot(history: pd.DataFrame, path: Path) -> Path | None:
     if history is None or not len(history):
         return None
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.plot(history.iloc[:, 0], history.iloc[:, -1], c="#1f4e8c")
-    ax.set_xlabel(history.columns[0])
+    ax.plot(history["n_trials"], history["hypervolume"], c="#1f4e8c", drawstyle="steps-post")
+    ax.set_xlabel("finished trials")
     ax.set_ylabel("hypervolume")
     ax.grid(alpha=0.3)
     return _save(fig, path)
