@@ -103,8 +103,10 @@ def verify(result, trial_id: str, task) -> tuple[float, int]:
     return float(acc), Artifact.open(path).size_bytes
 
 
-def per_layer_plot(result, task_name: str, space) -> str:
-    """Per-layer sparsity and bits of the front members (sorted by size); returns the PNG path."""
+def per_layer_plot(result, task_name: str, space, chosen: str | None = None) -> str:
+    """Per-layer sparsity and bits of the front members (sorted by size); returns the PNG path.
+
+    ``chosen``: the trial id of the val-chosen member, marked in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,6 +122,7 @@ def per_layer_plot(result, task_name: str, space) -> str:
         label = (
             f"{tb / row['size_bytes']:.0f}x, test {row['test_accuracy']:.3f}, "
             f"width {row.get('width', 1.0):.2f}"
+            + (" (chosen on val)" if chosen is not None and str(row["trial_id"]) == chosen else "")
         )
         axes[0].bar(xs, [row[f"{n}.sparsity"] for n in layers], w, label=label)
         axes[1].bar(xs, [row[f"{n}.bits"] for n in layers], w)
@@ -220,7 +223,7 @@ def targets(args: argparse.Namespace) -> None:
             rows.append(row)
             details.append((seed, res, tacc, tb, chosen_id, settings))
             if plot is None and len(p) and not args.no_write:
-                plot = per_layer_plot(res, task_name, space)
+                plot = per_layer_plot(res, task_name, space, chosen_id)
         seed0, res0, tacc, tb, chosen0, settings0 = details[0]
         vacc0 = res0.teacher["val"]["accuracy"]
         front = res0.pareto.sort_values("size_bytes")
