@@ -5,18 +5,24 @@ weights hold exactly the values the artifact stores (``code * scale`` or ``codeb
 scales and codebooks representable in fp16). The record of how each weight was quantized is kept
 on the model as the attribute ``QUANT_ATTR`` (a plain dict, so ``copy.deepcopy`` keeps it), keyed
 by the parameter's fully qualified name (``"fc1.weight"``, ``"fc1.0.weight"`` for a factorized
-layer). Artifacts read these records to encode codes; nothing here is pickled.
+layer, ``"lstm.weight_ih_l0"`` for a parameter-level layer). A tied tensor (one ``nn.Parameter``
+held by several modules, e.g. GPT-2's ``transformer.wte.weight`` and ``lm_head.weight``) has the
+same record object under *every* name it has in the state dict, so whichever name an artifact
+stores it under finds its record. Artifacts read these records to encode codes; nothing here is
+pickled.
 
 Conventions (shared with ``autocompress.artifacts``):
 
-* ``scheme == "uniform"``: symmetric per-output-channel (dim 0). Integer codes
-  ``q in [-(2**(bits-1) - 1), 2**(bits-1) - 1]``, weight ``= q * scale[c]`` computed in fp32, with
-  ``scale`` a float32 tensor of shape ``(out_channels,)`` whose values are fp16-exact. ``bits=2``
-  is ternary {-1, 0, 1}.
+* ``scheme == "uniform"``: symmetric per-output-channel, the channels on dim ``axis`` (0, except
+  1 for Hugging Face ``Conv1D`` whose weight is stored ``(in, out)``). Integer codes
+  ``q in [-(2**(bits-1) - 1), 2**(bits-1) - 1]``, weight ``= q * scale[c]`` computed in fp32
+  (``c`` the index along ``axis``), with ``scale`` a float32 tensor of shape
+  ``(weight.shape[axis],)`` whose values are fp16-exact. ``bits=2`` is ternary {-1, 0, 1}.
 * ``scheme == "codebook"``: ``codebook`` a float32 tensor of ``2**bits`` fp16-exact values with
   ``codebook[0] == 0.0`` (so pruned zeros have a code); weight ``= codebook[code]``.
 * ``scheme == "fp16"``: ``bits == 16``; the weight is fp16-exact, no scale.
-* The bias of any layer with a record is fp16-exact too.
+* The ``bias`` of any module whose ``weight`` has a record is fp16-exact too (parameter-level
+  weights such as ``lstm.weight_ih_l0`` leave their biases as they are).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class QuantRecord:
     scheme: str  # "uniform" | "codebook" | "fp16"
     scale: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
+    axis: int = 0  # dim of the output channels the uniform scales follow
 
 
 def quant_records(model: nn.Module) -> dict[str, QuantRecord]:

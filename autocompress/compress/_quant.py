@@ -4,6 +4,14 @@ During fine-tuning each compressed weight is a parametrization (``torch.nn.utils
 that applies the pruning mask and fake quantization with a straight-through estimator, so the
 mask is kept and the network learns around the quantization error. ``bake`` then writes the exact
 values the artifact stores and attaches a :class:`QuantRecord` per weight.
+
+Weights are found by :func:`autocompress.compress._prune.weight_targets`, so module weights
+(``Linear``, ``Conv``, ``Embedding``, HF ``Conv1D``) and parameter-level weights (RNN
+``weight_ih_l0``..., ``nn.MultiheadAttention.in_proj_weight``) are handled alike: the
+parametrization sits on the module attribute holding the tensor, and ``state_dict`` keys are
+unchanged after :func:`bake`. A tied tensor gets ONE parametrization object registered on every
+module holding it, so all aliases see the same masked, quantized value during fine-tuning and the
+same ``nn.Parameter`` object after baking.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autocompress.compress._meta import QuantRecord, fp16_exact, quant_records, set_quant_records
-from autocompress.compress._targets import layer_modules
+from autocompress.compress._prune import plan_targets
 from autocompress.spaces._plan import LayerPlan, Plan
 
 _MIN_SCALE = 2.0**-14  # smallest normal fp16 value
@@ -24,20 +32,28 @@ def qmax(bits: int) -> int:
     return max(1, 2 ** (bits - 1) - 1)
 
 
-def uniform_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel scale ``max|w| / qmax``, fp16-exact."""
-    amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+def uniform_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """Per-output-channel scale ``max|w| / qmax`` (channels on dim ``axis``), fp16-exact.
+
+    Example:
+        >>> uniform_scale(torch.tensor([[1.0, -4.0], [0.5, 2.0]]), 4, axis=1).tolist()
+        [0.142822265625, 0.5712890625]
+    """
+    a = w.detach().abs().movedim(axis, 0)
+    amax = a.reshape(a.shape[0], -1).amax(dim=1)
     return fp16_exact(torch.clamp(amax / qmax(bits), min=_MIN_SCALE))
 
 
-def _bshape(scale: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return scale.reshape(-1, *([1] * (w.dim() - 1)))
+def _bshape(scale: torch.Tensor, w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    shape = [1] * w.dim()
+    shape[axis] = -1
+    return scale.reshape(shape)
 
 
-def uniform_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of ``w`` on the grid ``q * scale``."""
+def uniform_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid ``q * scale`` (scales along dim ``axis``)."""
     m = qmax(bits)
-    return torch.clamp(torch.round(w / _bshape(scale, w)), -m, m)
+    return torch.clamp(torch.round(w / _bshape(scale, w, axis)), -m, m)
 
 
 def kmeans_codebook(values: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
@@ -75,15 +91,17 @@ class Fp16Weight(MaskWeight):
 
 
 class UniformFakeQuant(MaskWeight):
-    """Mask, then symmetric per-channel fake quantization with a straight-through gradient."""
+    """Mask, then symmetric per-channel fake quantization with a straight-through gradient.
+    ``axis`` is the output-channel dimension (1 for HF ``Conv1D``)."""
 
-    def __init__(self, mask: torch.Tensor, target: float, bits: int) -> None:
+    def __init__(self, mask: torch.Tensor, target: float, bits: int, axis: int = 0) -> None:
         super().__init__(mask, target)
         self.bits = bits
+        self.axis = axis
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w = w * self.mask
-        s = _bshape(uniform_scale(w, self.bits), w)
+        s = _bshape(uniform_scale(w, self.bits, self.axis), w, self.axis)
         x = w / s
         q = x + (torch.clamp(torch.round(x), -qmax(self.bits), qmax(self.bits)) - x).detach()
         return q * s
@@ -134,39 +152,65 @@ class CodebookWeight(MaskWeight):
         return _Gather.apply(self.table(), self.assign) * self.mask
 
 
-def _parametrization(lp: LayerPlan, mask: torch.Tensor) -> MaskWeight | None:
+def _parametrization(lp: LayerPlan, mask: torch.Tensor, axis: int) -> MaskWeight | None:
     if lp.bits == 32:
         return MaskWeight(mask, lp.sparsity) if lp.sparsity > 0 else None
     if lp.bits == 16:
         return Fp16Weight(mask, lp.sparsity)
     if lp.scheme == "codebook":
         return PendingCodebook(mask, lp.sparsity, lp.bits)
-    return UniformFakeQuant(mask, lp.sparsity, lp.bits)
+    return UniformFakeQuant(mask, lp.sparsity, lp.bits, axis)
 
 
-def _parametrized(model: nn.Module) -> list[tuple[str, nn.Module, MaskWeight]]:
-    return [
-        (fqn, mod, mod.parametrizations.weight[0])
-        for fqn, mod in model.named_modules()
-        if parametrize.is_parametrized(mod, "weight")
-    ]
+Slot = tuple[str, nn.Module, str]  # (module fqn, module, attribute)
+
+
+def _parametrized(model: nn.Module) -> list[tuple[MaskWeight, list[Slot]]]:
+    """Each of our parametrizations once, with every ``(fqn, module, attribute)`` path to it
+    (several when the tensor is tied or a module is reachable under two names)."""
+    found: dict[int, tuple[MaskWeight, list[Slot]]] = {}
+    for fqn, mod in model.named_modules(remove_duplicate=False):
+        if not parametrize.is_parametrized(mod):
+            continue
+        for attr, plist in mod.parametrizations.items():
+            p = plist[0]
+            if isinstance(p, MaskWeight):
+                found.setdefault(id(p), (p, []))[1].append((fqn, mod, attr))
+    return list(found.values())
+
+
+def _original(slots: list[Slot]) -> nn.Parameter:
+    _, mod, attr = slots[0]
+    return mod.parametrizations[attr].original
+
+
+def _unique(slots: list[Slot]) -> list[tuple[nn.Module, str]]:
+    return list({(id(m), a): (m, a) for _, m, a in slots}.values())
 
 
 def attach(model: nn.Module, plan: Plan, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Register mask/fake-quant parametrizations on ``model`` in place, per the plan.
 
-    ``masks`` (module fqn -> 0/1 tensor) fixes the initial masks; by default every layer starts
-    dense and :func:`set_sparsity` prunes it (gradually during fine-tune, or at once).
+    ``masks`` (:attr:`WeightTarget.key` -> 0/1 tensor, as :func:`plan_masks` returns) fixes the
+    initial masks; by default every layer starts dense and :func:`set_sparsity` prunes it
+    (gradually during fine-tune, or at once). A tied tensor gets one parametrization shared by
+    all its modules; a plan giving its aliases different knobs is refused before any change.
+
+    Example:
+        >>> lstm = nn.LSTM(3, 4)
+        >>> _ = attach(lstm, Plan.uniform(["weight_ih_l0"], bits=4))
+        >>> parametrize.is_parametrized(lstm, "weight_ih_l0")
+        True
     """
     masks = masks or {}
-    for name, lp in plan.layers.items():
-        for fqn, mod in layer_modules(model, name):
-            mask = masks.get(fqn, torch.ones_like(mod.weight)).detach()
-            with torch.no_grad():
-                mod.weight.mul_(mask)
-            p = _parametrization(lp, mask)
-            if p is not None:
-                parametrize.register_parametrization(mod, "weight", p)
+    for t, lp in plan_targets(model, plan):
+        mask = masks.get(t.key, torch.ones_like(t.param)).detach()
+        with torch.no_grad():
+            t.param.mul_(mask)
+        p = _parametrization(lp, mask, t.axis)
+        if p is not None:
+            for mod, attr in t.slots():
+                parametrize.register_parametrization(mod, attr, p)
     return model
 
 
@@ -178,60 +222,68 @@ def set_sparsity(model: nn.Module, fraction: float = 1.0) -> None:
     """
     from autocompress.compress._prune import magnitude_mask
 
-    for _, mod, p in _parametrized(model):
+    for p, slots in _parametrized(model):
         if isinstance(p, CodebookWeight) or p.target <= 0:
             continue
-        w = mod.parametrizations.weight.original
-        p.mask.copy_(magnitude_mask(w, p.target * fraction))
+        p.mask.copy_(magnitude_mask(_original(slots), p.target * fraction))
 
 
 def has_pending_codebooks(model: nn.Module) -> bool:
     """Whether some codebook layer has not been clustered yet."""
-    return any(isinstance(p, PendingCodebook) for _, _, p in _parametrized(model))
+    return any(isinstance(p, PendingCodebook) for p, _ in _parametrized(model))
 
 
 def convert_codebooks(model: nn.Module) -> None:
     """Cluster every pending codebook layer's (masked) weights into its codebook, in place."""
-    for _, mod, p in _parametrized(model):
+    for p, slots in _parametrized(model):
         if not isinstance(p, PendingCodebook):
             continue
         with torch.no_grad():
-            w = mod.parametrizations.weight.original.detach() * p.mask
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            w = _original(slots).detach() * p.mask
+        for mod, attr in _unique(slots):
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         with torch.no_grad():
-            mod.weight.copy_(w)
-        parametrize.register_parametrization(mod, "weight", CodebookWeight(p.mask, w, p.bits))
+            getattr(slots[0][1], slots[0][2]).copy_(w)
+        book = CodebookWeight(p.mask, w, p.bits)
+        for mod, attr in _unique(slots):
+            parametrize.register_parametrization(mod, attr, book)
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """Replace every parametrization by the exact stored values and attach quant records."""
+    """Replace every parametrization by the exact stored values and attach quant records.
+
+    A tied tensor is baked once and stays one ``nn.Parameter`` shared by its modules; its record
+    is filed under each of its state-dict names.
+    """
     convert_codebooks(model)
     records = dict(quant_records(model))
-    for fqn, mod in list(model.named_modules()):
-        if not parametrize.is_parametrized(mod, "weight"):
-            continue
-        p = mod.parametrizations.weight[0]
+    for p, slots in _parametrized(model):
+        axis = getattr(p, "axis", 0)
         with torch.no_grad():
-            w = mod.parametrizations.weight.original.detach() * p.mask
+            w = _original(slots).detach() * p.mask
             if isinstance(p, CodebookWeight):
                 table = fp16_exact(p.table())
                 value = table[p.assign] * p.mask
                 bits = (len(table) - 1).bit_length()  # len(table) == 2**bits
                 rec = QuantRecord(bits, "codebook", codebook=table)
             elif isinstance(p, UniformFakeQuant):
-                scale = uniform_scale(w, p.bits)
-                value = uniform_codes(w, scale, p.bits) * _bshape(scale, w)
-                rec = QuantRecord(p.bits, "uniform", scale=scale)
+                scale = uniform_scale(w, p.bits, axis)
+                value = uniform_codes(w, scale, p.bits, axis) * _bshape(scale, w, axis)
+                rec = QuantRecord(p.bits, "uniform", scale=scale, axis=axis)
             elif isinstance(p, Fp16Weight):
                 value, rec = fp16_exact(w), QuantRecord(16, "fp16")
             else:
                 value, rec = w, None
-        parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+        for mod, attr in _unique(slots):
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         with torch.no_grad():
-            mod.weight.copy_(value)
-            if rec is not None and getattr(mod, "bias", None) is not None:
-                mod.bias.copy_(fp16_exact(mod.bias))
+            getattr(slots[0][1], slots[0][2]).copy_(value)
+            for _, mod, attr in slots:
+                bias = getattr(mod, "bias", None)
+                if rec is not None and attr == "weight" and isinstance(bias, torch.Tensor):
+                    bias.copy_(fp16_exact(bias))
         if rec is not None:
-            records[f"{fqn}.weight"] = rec
+            for fqn, _, attr in slots:
+                records[f"{fqn}.{attr}" if fqn else attr] = rec
     set_quant_records(model, records)
     return model

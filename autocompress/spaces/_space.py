@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from autocompress.errors import PlanError
-from autocompress.spaces._discover import LayerInfo, discover_layers
+from autocompress.spaces._discover import LayerInfo, discover
 from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES, FinetuneSettings, LayerPlan, Plan
 
 
@@ -58,7 +58,7 @@ class Knobs:
                 raise PlanError(f"knob {name}={getattr(self, name)!r} must be > 0")
 
 
-def _check_names(names: Iterable[str], valid: Sequence[str], what: str) -> None:
+def _check_names(names: Iterable[str], valid: Sequence[str] | Mapping[str, str], what: str) -> None:
     for n in names:
         if n not in valid:
             close = difflib.get_close_matches(n, valid, n=3)
@@ -72,7 +72,10 @@ class CompressionSpace:
 
     Build it with :meth:`from_model`. Free layers (not excluded, not pinned) get their own
     knobs, layers tied in a group share one set of knobs, pinned layers take fixed knobs, and
-    excluded layers are left uncompressed.
+    excluded layers are left uncompressed. A tensor shared by several modules (tied weights) is
+    one layer; its other names (``LayerInfo.aliases``) are accepted wherever a layer name is
+    and mean the same layer. ``skipped`` lists every parameter tensor that is not compressible
+    with the reason, and ``coverage`` is the share of parameters in compressible layers.
 
     Example:
         >>> from autocompress.tasks._models import DigitsMLP
@@ -81,6 +84,8 @@ class CompressionSpace:
         ['fc1', 'fc2', 'fc3']
         >>> sorted(space.free_groups())
         ['fc1', 'fc2']
+        >>> f"{space.coverage:.3f}"
+        '0.992'
     """
 
     layers: list[LayerInfo]
@@ -90,6 +95,7 @@ class CompressionSpace:
     groups: tuple[tuple[str, ...], ...] = ()
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     skipped: Mapping[str, str] = field(default_factory=dict)
+    total_params: int = 0
 
     @classmethod
     def from_model(
@@ -102,23 +108,30 @@ class CompressionSpace:
         groups: Iterable[Iterable[str]] = (),
         finetune: FinetuneSettings | None = None,
     ) -> CompressionSpace:
-        """Discover the compressible layers of ``model`` and validate every setting now."""
-        layers, skipped = discover_layers(model)
+        """Discover the compressible layers of ``model`` and validate every setting now.
+
+        Names in ``exclude``, ``pin`` and ``groups`` may be aliases of a tied layer; they are
+        stored under the layer's own name.
+        """
+        found = discover(model)
+        layers = found.layers
         if not layers:
             raise PlanError(
-                f"{type(model).__name__} has no compressible layers (Linear, Conv1d/2d, Embedding)"
+                f"{type(model).__name__} has no compressible layers (Linear, Conv, Embedding, "
+                "HF Conv1D, RNN or attention weights)"
             )
-        names = [layer.name for layer in layers]
-        exclude_t = tuple(exclude)
-        _check_names(exclude_t, names, "exclude")
+        canon = _canonical_names(layers)
+        exclude_t = tuple(dict.fromkeys(_canon(canon, n, "exclude") for n in exclude))
         pins: dict[str, LayerPlan] = {}
         for n, lp in (pin or {}).items():
-            _check_names([n], names, "pin")
-            pins[n] = lp if isinstance(lp, LayerPlan) else LayerPlan(**dict(lp))
-        groups_t = tuple(tuple(g) for g in groups)
+            pins[_canon(canon, n, "pin")] = (
+                lp if isinstance(lp, LayerPlan) else LayerPlan(**dict(lp))
+            )
+        groups_t = tuple(
+            tuple(dict.fromkeys(_canon(canon, n, "groups") for n in g)) for g in groups
+        )
         seen: set[str] = set()
         for g in groups_t:
-            _check_names(g, names, "groups")
             for n in g:
                 if n in seen or n in exclude_t or n in pins:
                     raise PlanError(
@@ -132,7 +145,8 @@ class CompressionSpace:
             pins,
             groups_t,
             finetune or FinetuneSettings(),
-            skipped,
+            found.skipped,
+            found.total_params,
         )
         for n, lp in pins.items():
             space._check_layer_plan(n, lp)
@@ -143,9 +157,22 @@ class CompressionSpace:
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.layers]
 
+    @property
+    def covered_params(self) -> int:
+        """Parameters in compressible layers (a tied tensor counted once)."""
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def coverage(self) -> float:
+        """Share of the model's parameters in compressible layers, in [0, 1] (tied tensors
+        counted once; excluded layers still count as covered: they could be compressed)."""
+        total = self.total_params or self.covered_params
+        return self.covered_params / total if total else 1.0
+
     def layer(self, name: str) -> LayerInfo:
-        _check_names([name], self.layer_names, "plan")
-        return next(layer for layer in self.layers if layer.name == name)
+        """The layer called ``name`` (or one of its aliases)."""
+        canonical = _canon(_canonical_names(self.layers), name, "plan")
+        return next(layer for layer in self.layers if layer.name == canonical)
 
     def free_groups(self) -> dict[str, tuple[str, ...]]:
         """Searchable units: ``{key: layer names}``; a tied group's key is its first layer."""
@@ -165,9 +192,21 @@ class CompressionSpace:
             )
 
     def validate(self, plan: Plan) -> Plan:
-        """Check ``plan`` against this model's layers; return it unchanged if valid."""
+        """Check ``plan`` against this model's layers; return it unchanged if valid.
+
+        Aliases of one tied layer must carry equal knobs (one tensor has one set of knobs).
+        """
+        canon = _canonical_names(self.layers)
+        given: dict[str, tuple[str, LayerPlan]] = {}
         for n, lp in plan.layers.items():
             self._check_layer_plan(n, lp)
+            c = canon[n]
+            if c in given and given[c][1] != lp:
+                raise PlanError(
+                    f"layers {given[c][0]!r} and {n!r} are one tied tensor but the plan gives "
+                    f"them different knobs: give both the same knobs or name only {c!r}"
+                )
+            given.setdefault(c, (n, lp))
         return plan
 
     # --- sampling --------------------------------------------------------------------------
@@ -204,7 +243,7 @@ class CompressionSpace:
         return plan.replace(layers={**plan.layers, **self.pin})
 
     def describe(self) -> list[dict[str, Any]]:
-        """One row per layer: name, kind, params, shape, role and available knobs."""
+        """One row per layer: name, kind, params, shape, role, available knobs, note, aliases."""
         groups = self.free_groups()
         rows = []
         for layer in self.layers:
@@ -216,6 +255,10 @@ class CompressionSpace:
             elif layer.name not in groups:
                 role = "tied:" + next(g[0] for g in self.groups if layer.name in g)
             knobs = ["sparsity", "bits"] + (["rank"] if layer.factorizable else [])
+            note = layer.note
+            if layer.aliases:
+                tied = "tied: also " + ", ".join(layer.aliases)
+                note = f"{tied}; {note}" if note else tied
             rows.append(
                 {
                     "layer": layer.name,
@@ -224,7 +267,22 @@ class CompressionSpace:
                     "shape": "x".join(map(str, layer.shape)),
                     "role": role,
                     "knobs": ",".join(knobs),
-                    "note": layer.note,
+                    "note": note,
+                    "aliases": ",".join(layer.aliases),
                 }
             )
         return rows
+
+
+def _canonical_names(layers: Sequence[LayerInfo]) -> dict[str, str]:
+    """Every accepted layer name (own names and aliases) -> the layer's own name."""
+    out = {layer.name: layer.name for layer in layers}
+    for layer in layers:
+        for a in layer.aliases:
+            out.setdefault(a, layer.name)
+    return out
+
+
+def _canon(canon: Mapping[str, str], name: str, what: str) -> str:
+    _check_names([name], canon, what)
+    return canon[name]

@@ -18,7 +18,16 @@ def test_discovers_layers_of_transformer() -> None:
     assert "blocks.0.attn.out_proj" in names
     out_proj = space.layer("blocks.0.attn.out_proj")
     assert not out_proj.factorizable
-    assert "blocks.0.attn" in space.skipped
+    in_proj = space.layer("blocks.0.attn.in_proj_weight")
+    assert in_proj.shape == (96, 32) and not in_proj.factorizable
+    assert "blocks.0.attn.in_proj_bias" in space.skipped
+    assert "blocks.0.ln1.weight" in space.skipped
+    covered = sum(layer.params for layer in space.layers) + sum(
+        space_param.numel()
+        for name, space_param in Mnist1dTransformer().named_parameters()
+        if name in space.skipped
+    )
+    assert covered == space.total_params  # every tensor is a layer or skipped, none twice
 
 
 def test_suggest_respects_groups_pins_excludes_and_ranges() -> None:
