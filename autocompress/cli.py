@@ -66,7 +66,12 @@ def inspect(task: Annotated[str, typer.Argument(help="Task name or module:functi
         )
     out.print(table)
     for name, why in space.skipped.items():
-        out.print(f"not compressed: {name}: {why}")
+        out.print(f"not compressed: {name}: {why}", highlight=False, soft_wrap=True)
+    out.print(
+        f"coverage: {space.coverage:.1%} of {space.total_params:,} parameters are in "
+        f"compressible layers ({space.covered_params:,}; tied tensors counted once)",
+        soft_wrap=True,
+    )
 
 
 @app.command()
