@@ -1,4 +1,8 @@
-"""Command line: ``autocompress run | report | export | compress | tasks | inspect``."""
+"""autocompress: search for the best way to compress a neural network.
+
+Commands: run (search from an experiment file), report, trials and export (a finished run),
+compress (one plan), tasks and inspect (what can be compressed). See docs/user-guide.md.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +17,48 @@ from rich.table import Table
 
 from autocompress.errors import AutocompressError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None)
+"""Plain help (``rich_markup_mode=None``): rich's help formatter alone took longer to import
+than the rest of ``autocompress --help``."""
 out = Console()
 err = Console(stderr=True)
 
 
-def _fail(e: Exception) -> None:
+def _fail(e: Exception | str) -> None:
     err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from autocompress import __version__
+
+        out.print(f"autocompress {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """autocompress: search for the best way to compress a neural network.
+
+    Commands: run (search from an experiment file), report, trials and export (a finished
+    run), compress (one plan), tasks and inspect (what can be compressed). See
+    docs/user-guide.md.
+    """
 
 
 @app.command()
 def tasks(
     train: Annotated[bool, typer.Option(help="Train missing teachers to show accuracy.")] = True,
 ) -> None:
-    """List built-in tasks with teacher artifact size and test accuracy."""
+    """List the built-in tasks (teacher size, test accuracy)."""
     import tempfile
 
     from autocompress.artifacts import export
@@ -51,7 +82,7 @@ def tasks(
 
 @app.command()
 def inspect(task: Annotated[str, typer.Argument(help="Task name or module:function.")]) -> None:
-    """Print the compressible layers of a task's model, their sizes and knobs."""
+    """Show a task's compressible layers, sizes and knobs."""
     from autocompress.spaces import CompressionSpace
     from autocompress.tasks import get_task
 
@@ -78,15 +109,29 @@ def inspect(task: Annotated[str, typer.Argument(help="Task name or module:functi
 def compress(
     task: Annotated[str, typer.Argument(help="Task name or module:function.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Artifact directory to write.")],
-    sparsity: float = 0.0,
-    bits: int = 32,
-    scheme: str = "uniform",
-    rank_ratio: float = 1.0,
-    width: float = 1.0,
-    epochs: int = 20,
+    sparsity: Annotated[
+        float, typer.Option(help="Fraction of each layer's weights set to zero, in [0, 1).")
+    ] = 0.0,
+    bits: Annotated[
+        int, typer.Option(help="Weight bit-width: 2-8, 16 (fp16) or 32 (no quantization).")
+    ] = 32,
+    scheme: Annotated[
+        str, typer.Option(help="Quantization scheme: uniform or codebook (k-means).")
+    ] = "uniform",
+    rank_ratio: Annotated[
+        float,
+        typer.Option(help="Low-rank factorization: fraction of the break-even rank (1 = off)."),
+    ] = 1.0,
+    width: Annotated[
+        float, typer.Option(help="Fraction of channels kept by structured pruning (1 = all).")
+    ] = 1.0,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning (distillation) epochs.")] = 20,
     exclude: Annotated[list[str] | None, typer.Option(help="Layers to leave as they are.")] = None,
 ) -> None:
-    """Apply one uniform plan to a task's teacher, fine-tune, export and report accuracy/size."""
+    """Compress a task's teacher with one uniform plan.
+
+    Fine-tunes, exports the artifact to --out and prints its test accuracy and size.
+    """
     import tempfile
 
     from autocompress.artifacts import export
@@ -124,28 +169,50 @@ def run(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     trials: Annotated[int | None, typer.Option(help="Override search.trials.")] = None,
     workers: Annotated[int | None, typer.Option(help="Parallel trials.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override search.seed.")] = None,
+    sampler: Annotated[
+        str | None, typer.Option(help="Override search.sampler: tpe, nsga2, gp or random.")
+    ] = None,
     time_budget: Annotated[float | None, typer.Option(help="Seconds for the whole search.")] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run in --run-dir.")] = False,
     run_dir: Annotated[Path | None, typer.Option(help="Override the run directory.")] = None,
     verbose: Annotated[bool, typer.Option(help="Show Ray and Optuna logs.")] = False,
 ) -> None:
-    """Run a compression search from an experiment file and print the Pareto front."""
-    from autocompress.config import build, load_experiment
+    """Search compression plans from an experiment file.
+
+    Prints the Pareto front and writes report.html in the run directory.
+
+    The file, the objective, the run directory and --resume are all checked before any task
+    code runs (a module:function task may train a teacher).
+    """
+    from autocompress.config import build, build_objective, load_experiment
 
     try:
         exp = load_experiment(experiment).with_overrides(
             trials=trials,
             workers=workers,
+            seed=seed,
+            sampler=sampler,
             time_budget=time_budget,
             address=address,
             run_dir=str(run_dir) if run_dir else None,
         )
-        task, space, objective = build(exp, str(experiment))
+        objective = build_objective(exp, str(experiment))
+        from autocompress.search._checks import preflight
+
+        s = exp.search
+        preflight(
+            exp.run_dir,
+            resume,
+            exp.task,
+            objective,
+            {"trials": s.trials, "sampler": s.sampler, "seed": s.seed},
+        )
+        task, space, objective = build(exp, str(experiment), objective)
         from autocompress.search import EarlyStop
         from autocompress.search import run as search_run
 
-        s = exp.search
         result = search_run(
             task,
             space,
@@ -192,17 +259,54 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run director
     out.print(f"report: {path}")
 
 
-@app.command("export")
-def export_cmd(
+@app.command()
+def trials(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
-    trial: Annotated[str, typer.Option(help="Trial id (see trials.csv / pareto.csv).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to copy the artifact.")],
+    front: Annotated[bool, typer.Option(help="Only the Pareto front.")] = False,
 ) -> None:
-    """Copy one trial's artifact out of a run directory (verified on the way)."""
+    """List a run's trials (ids for export, status, metrics)."""
     from autocompress.search import SearchResult
 
     try:
-        path = SearchResult.load(run_dir).export(trial, out_dir)
+        res = SearchResult.load(run_dir)
+    except AutocompressError as e:
+        _fail(e)
+    on_front = {str(t) for t in res.pareto["trial_id"]} if len(res.pareto) else set()
+    cols = [c for c in dict.fromkeys([*res.names, "compression_ratio"]) if c in res.trials]
+    table = Table("trial_id", "status", "feasible", "front", *cols)
+    for _, row in res.trials.iterrows():
+        tid = str(row["trial_id"])
+        if front and tid not in on_front:
+            continue
+        values = [f"{row[c]:.4g}" if isinstance(row[c], int | float) else str(row[c]) for c in cols]
+        feasible = "yes" if bool(row.get("feasible", False)) else "no"
+        table.add_row(tid, str(row["status"]), feasible, "*" if tid in on_front else "", *values)
+    out.print(table)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    trial: Annotated[
+        str, typer.Option(help="Trial id (list them with: autocompress trials RUN_DIR).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to copy the artifact.")],
+) -> None:
+    """Copy one trial's artifact out of a run, verified.
+
+    Every file's size and sha256 are checked against the artifact's manifest before and after
+    the copy; a corrupt artifact is refused and nothing is copied.
+    """
+    from autocompress.search import SearchResult
+
+    try:
+        res = SearchResult.load(run_dir)
+        if str(trial) not in set(res.trials["trial_id"].astype(str)):
+            _fail(
+                f"no trial {trial!r} in {str(run_dir)!r}: list the trial ids with "
+                f"`autocompress trials {run_dir}` (front only: --front)"
+            )
+        path = res.export(trial, out_dir)
     except AutocompressError as e:
         _fail(e)
     out.print(f"exported trial {trial} -> {path}")

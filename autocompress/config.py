@@ -20,8 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autocompress.errors import AutocompressError, ConfigError
-from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES
 
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+SCHEMES = ("uniform", "codebook")
+"""Copies of ``autocompress.spaces``' constants (a test keeps them equal): importing the spaces
+would import torch, and a config error must come back in well under a second."""
 MAX_FILE_BYTES = 1 << 20
 ADDRESS_PATTERN = r"^(auto|local|ray://[\w.\-]+(:\d+)?|[\w.\-]+:\d+)$"
 
@@ -284,15 +287,68 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ConfigError(f"{name}: nested too deeply to be an experiment file") from None
 
 
-def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
-    """``(task, space, objective)`` from an experiment, with names checked against the model.
+def importable(*dirs: str | Path) -> None:
+    """Make ``module:function`` specs in ``dirs`` importable, here and in local Ray workers.
 
-    Builds the task's untrained architecture only (cheap): no teacher training happens here.
+    Each directory is put at the front of ``sys.path`` and of ``PYTHONPATH`` (which the Ray
+    workers this process starts inherit). :func:`build` calls it with the experiment file's
+    directory and the current working directory.
+
+    Example:
+        >>> import sys
+        >>> importable(".")
+        >>> str(Path(".").resolve()) in sys.path
+        True
+    """
+    import os
+    import sys
+
+    env = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for d in reversed([str(Path(d).resolve()) for d in dirs]):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+        if d not in env:
+            env.insert(0, d)
+    os.environ["PYTHONPATH"] = os.pathsep.join(env)
+
+
+def build_objective(exp: Experiment, source: str = "experiment") -> Any:
+    """The experiment's :class:`~autocompress.objectives.Objective`, built before the task.
+
+    Custom metrics (``module:function``) are imported and their signatures checked here, so a
+    bad objective is refused before any task code (which may train a teacher) runs.
     """
     from autocompress.objectives import Objective
+
+    if source != "experiment":
+        importable(Path(source).parent, Path.cwd())
+    try:
+        return Objective(
+            list(exp.objective.metrics),
+            list(exp.objective.constraints),
+            weights=exp.objective.weights,
+        )
+    except AutocompressError as e:
+        raise ConfigError(one_line(f"{source}: objective: {e}")) from None
+
+
+def build(
+    exp: Experiment, source: str = "experiment", objective: Any = None
+) -> tuple[Any, Any, Any]:
+    """``(task, space, objective)`` from an experiment, with names checked against the model.
+
+    The objective is built first (see :func:`build_objective`; pass one already built as
+    ``objective``), then the task. ``module:function`` specs are importable from the
+    experiment file's directory and the current working directory (:func:`importable`).
+    Builds the task's untrained architecture only: no teacher training happens here.
+    """
     from autocompress.spaces import CompressionSpace, FinetuneSettings, Knobs, LayerPlan
     from autocompress.tasks import get_task
 
+    if objective is None:
+        objective = build_objective(exp, source)
+    elif source != "experiment":
+        importable(Path(source).parent, Path.cwd())
     section = "task"
     try:
         task = get_task(exp.task)
@@ -317,12 +373,6 @@ def build(exp: Experiment, source: str = "experiment") -> tuple[Any, Any, Any]:
             pin={n: LayerPlan(**p.model_dump()) for n, p in exp.space.pin.items()},
             groups=exp.space.groups,
             finetune=finetune,
-        )
-        section = "objective"
-        objective = Objective(
-            list(exp.objective.metrics),
-            list(exp.objective.constraints),
-            weights=exp.objective.weights,
         )
     except AutocompressError as e:
         raise ConfigError(one_line(f"{source}: {section}: {e}")) from None

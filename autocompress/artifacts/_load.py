@@ -47,8 +47,13 @@ def _rebuild(
     elif task_spec is None:
         raise ArtifactError("artifact has no task_spec: pass model=<its uncompressed architecture>")
     else:
-        from autocompress.tasks import get_task
+        from autocompress.tasks import get_task, task_names
 
+        if task_spec not in task_names():  # user code (make_task may train a teacher): not run
+            raise ArtifactError(
+                f"artifact's task {task_spec!r} is user code, which load() does not run: "
+                "pass model=<its uncompressed architecture> (e.g. make_task().build_model())"
+            )
         task = get_task(task_spec)
         base = task.build_model()
     own = {n: tuple(t.shape) for n, t in base.state_dict().items()}
@@ -58,8 +63,13 @@ def _rebuild(
         if task is None and task_spec is None:
             raise ArtifactError("artifact has no task_spec: pass example_input= to load()")
         if task is None:
-            from autocompress.tasks import get_task
+            from autocompress.tasks import get_task, task_names
 
+            if task_spec not in task_names():
+                raise ArtifactError(
+                    f"artifact's task {task_spec!r} is user code, which load() does not run: "
+                    "pass example_input= (a batch of inputs) with model="
+                )
             task = get_task(task_spec)
         example_input = task.example_input()
     from autocompress.compress import restructure
@@ -138,13 +148,29 @@ def load(
         raise ArtifactError(
             f"artifact {str(p)!r}: plan.json is invalid ({e}): re-export it"
         ) from None
-    state, records = decode_state(data[WEIGHTS])
+    state, records, aliases = decode_state(data[WEIGHTS])
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     net = _rebuild(manifest["task_spec"], plan, shapes, model, example_input)
     _check_shapes(net, state)
     net.load_state_dict(state, strict=True)
+    _tie(net, aliases)
     set_quant_records(net, records)
     return net.eval()
+
+
+def _tie(net: nn.Module, aliases: dict[str, str]) -> None:
+    """Make every alias key the very same parameter (or buffer) as its target, as exported."""
+    for alias, target in aliases.items():
+        mod_name, _, attr = alias.rpartition(".")
+        mod = net.get_submodule(mod_name)
+        tgt_mod, _, tgt_attr = target.rpartition(".")
+        value = getattr(net.get_submodule(tgt_mod), tgt_attr)
+        if getattr(mod, attr) is value:
+            continue  # the architecture ties them already
+        if isinstance(value, nn.Parameter):
+            setattr(mod, attr, value)
+        else:
+            mod.register_buffer(attr, value, persistent=True)
 
 
 def _onnx_model(

@@ -25,11 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from autocompress.errors import ConfigError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from autocompress.artifacts import Artifact
     from autocompress.tasks import Task
 
@@ -102,6 +102,9 @@ class Metric:
             raise ConfigError(f"metric {self.name!r}: fn must be callable (model, artifact, task)")
         if self.details is not None and not callable(self.details):
             raise ConfigError(f"metric {self.name!r}: details must be callable or None")
+        check_signature(self.name, self.fn)
+        if self.details is not None:
+            check_signature(self.name, self.details, "details")
 
     def __call__(
         self,
@@ -135,6 +138,38 @@ class Metric:
     def sign(self) -> float:
         """+1 for maximize, -1 for minimize (``sign * value`` is always 'higher is better')."""
         return 1.0 if self.direction == "maximize" else -1.0
+
+
+SIGNATURE = "(model, artifact, task, *, split='val', reference=None)"
+"""What a metric function is called with (``split`` and ``reference`` are optional)."""
+
+
+def check_signature(name: str, fn: Callable[..., Any], role: str = "fn") -> None:
+    """Refuse a metric function that cannot be called as ``fn(model, artifact, task)``.
+
+    Checked when the metric (and so the objective) is built, before any search work.
+
+    Example:
+        >>> check_signature("acc", lambda outputs, targets: 0.0)
+        Traceback (most recent call last):
+        ...
+        autocompress.errors.ConfigError: metric 'acc': <lambda>(outputs, targets) cannot be \
+called as fn(model, artifact, task): define it as def <lambda>(model, artifact, task, *, \
+split='val', reference=None) -> float
+    """
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: nothing to inspect
+    try:
+        sig.bind(None, None, None, **dict.fromkeys(_keyword_params(fn) & {"split", "reference"}))
+    except TypeError:
+        label = getattr(fn, "__name__", type(fn).__name__)
+        raise ConfigError(
+            f"metric {name!r}: {label}{sig} cannot be called as {role}(model, artifact, task): "
+            f"define it as def {label}{SIGNATURE} -> "
+            + ("float" if role == "fn" else "{name: float}")
+        ) from None
 
 
 def _keywords(fn: Callable[..., Any], split: str, reference: Reference | None) -> dict[str, Any]:
@@ -334,6 +369,7 @@ def _from_module(spec: str) -> Metric:
                 f"metric {spec!r}: {fn_name}() returned {type(made).__name__}, expected a Metric"
             )
         return made
+    check_signature(fn_name, obj)
     direction = direction or getattr(obj, "direction", "")
     if not direction:
         raise ConfigError(

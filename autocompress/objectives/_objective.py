@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
-from torch import nn
-
 from autocompress.errors import ConfigError
 from autocompress.objectives._constraint import DERIVED, Constraint
 from autocompress.objectives._metric import (
@@ -20,6 +18,8 @@ from autocompress.objectives._metric import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from autocompress.artifacts import Artifact
     from autocompress.tasks import Task
 

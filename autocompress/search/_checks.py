@@ -127,11 +127,15 @@ def _startup_leftovers(rd: Path) -> bool:
     return all(p.name in STARTUP_FILES or p.name.startswith(".") for p in rd.iterdir())
 
 
-def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES) -> Path:
-    """Resolve and create ``run_dir``, checking it is writable, has room and matches ``resume``.
+def _holds_files(rd: Path) -> bool:
+    return rd.is_dir() and any(p.name != LOCK_FILE for p in rd.iterdir())
 
-    ``resume=True`` on a directory a killed run left before writing ``run.json`` (empty, or
-    holding only a partial teacher export) starts that run afresh.
+
+def check_run_dir(run_dir: Any, resume: bool) -> Path:
+    """The resolved ``run_dir`` if a run may use it; nothing is created or changed.
+
+    Refuses a file, a used directory without ``resume``, ``resume`` without a run, and a
+    directory another driver is using (:func:`check_not_in_use`).
     """
     if not isinstance(run_dir, str | os.PathLike) or not str(run_dir):
         raise ConfigError(f"run_dir={run_dir!r} is invalid: give a directory path")
@@ -140,6 +144,7 @@ def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES
     rd = Path(run_dir).expanduser().resolve()
     if rd.exists() and not rd.is_dir():
         raise ConfigError(f"run_dir {str(rd)!r} is a file: choose a directory")
+    check_not_in_use(rd)
     started = (rd / "run.json").is_file()
     if resume and not started and not rd.is_dir():
         raise ConfigError(
@@ -150,11 +155,22 @@ def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES
             f"resume=True but {str(rd)!r} holds no run (no run.json) and other files: "
             "choose the run_dir of the run to resume"
         )
-    if not resume and rd.is_dir() and any(rd.iterdir()):
+    if not resume and _holds_files(rd):
         raise ConfigError(
             f"run_dir {str(rd)!r} already holds files: pass resume=True to continue that run "
             "or choose another run_dir"
         )
+    return rd
+
+
+def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES) -> Path:
+    """Resolve and create ``run_dir``, checking it is writable, has room and matches ``resume``.
+
+    ``resume=True`` on a directory a killed run left before writing ``run.json`` (empty, or
+    holding only a partial teacher export) starts that run afresh.
+    """
+    rd = check_run_dir(run_dir, resume)
+    started = (rd / "run.json").is_file()
     try:
         rd.mkdir(parents=True, exist_ok=True)
         probe = rd / f".write-test-{uuid.uuid4().hex}"
@@ -165,10 +181,168 @@ def prepare_run_dir(run_dir: Any, resume: bool, need_bytes: int = MIN_FREE_BYTES
             f"run_dir {str(rd)!r} is not writable ({e.strerror}): choose another"
         ) from None
     if resume and not started:  # killed during start-up: nothing to keep
-        for p in rd.iterdir():
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        clear_run_dir(rd)
     check_free_space(rd, need_bytes)
     return rd
+
+
+def clear_run_dir(rd: Path) -> None:
+    """Delete everything in ``rd`` but the driver's lock file."""
+    for p in rd.iterdir():
+        if p.name != LOCK_FILE:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+LOCK_FILE = ".driver.json"
+"""``run_dir/.driver.json``: held (``flock``) by the one driver using the run directory; it
+holds that driver's pid, host and start time. The kernel drops the lock when the process dies,
+so a killed driver never leaves a stale lock behind; a driver that ends removes the file."""
+
+
+_HELD: set[Path | None] = set()
+"""Run directories whose lock this process holds."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a process that has not written its name yet"
+
+
+def _in_use(rd: Path) -> ConfigError:
+    return ConfigError(
+        f"run_dir {str(rd)!r} is in use by another autocompress driver "
+        f"({_holder(rd / LOCK_FILE)}): wait for it to finish or stop it; "
+        "a run directory has one driver at a time"
+    )
+
+
+class RunLock:
+    """The exclusive ``flock`` on ``run_dir/.driver.json`` held while a driver uses a run.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> lock = RunLock.acquire(d)
+        >>> try:
+        ...     RunLock.acquire(d)
+        ... except ConfigError as e:
+        ...     print(str(e).split(" (")[0])
+        run_dir ... is in use by another autocompress driver
+        >>> lock.release()
+        >>> RunLock.acquire(d).release()
+    """
+
+    def __init__(self, fd: int | None, rd: Path | None = None) -> None:
+        self.fd, self.rd = fd, rd
+        if rd is not None:
+            _HELD.add(rd)
+
+    @classmethod
+    def acquire(cls, rd: Path) -> RunLock:
+        """Lock ``rd`` (created if needed) for this process, or raise naming the holder.
+
+        A directory that cannot be created gets no lock (a no-op one): the run-dir checks that
+        follow refuse it with the reason.
+        """
+        import fcntl
+        import socket
+        import time
+
+        path = rd / LOCK_FILE
+        while True:
+            try:
+                rd.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                return cls(None)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise _in_use(rd) from None
+            try:  # the holder removes the file when it ends: lock the file that is there now
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        return cls(fd, rd)
+
+    def release(self) -> None:
+        """Give the run directory up (also done by the kernel when the process dies)."""
+        import fcntl
+
+        if self.fd is not None:
+            if self.rd is not None:  # removed while still held (see acquire)
+                (self.rd / LOCK_FILE).unlink(missing_ok=True)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        _HELD.discard(self.rd)
+
+
+def check_not_in_use(rd: Path) -> None:
+    """Raise :class:`ConfigError` naming the holder if a live driver holds ``rd``'s lock."""
+    import fcntl
+
+    if rd in _HELD:
+        return  # this process is the driver
+    try:
+        fd = os.open(rd / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return  # no lock file: nobody ever held it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(rd) from None
+    finally:
+        os.close(fd)  # closing drops a lock this check took
+
+
+def preflight(
+    run_dir: Any,
+    resume: bool,
+    task_spec: str,
+    objective: Objective,
+    settings: dict[str, Any],
+) -> Path:
+    """The run-dir and resume checks that need no task: run before any task code runs.
+
+    With ``resume``, the task spec, the objective and ``trials``/``sampler``/``seed`` of
+    ``settings`` must match the run's ``run.json`` (the space is compared later, by
+    :func:`check_resume`, since it needs the model).
+    """
+    rd = check_run_dir(run_dir, resume)
+    if resume and (rd / "run.json").is_file():
+        old = json.loads((rd / "run.json").read_text())
+        if old.get("task", {}).get("spec") != task_spec:
+            raise ConfigError(
+                f"resume: task {task_spec!r} differs from {old.get('task', {}).get('spec')!r}, "
+                f"the task {str(rd)!r} was started with: pass the same task or a new run_dir"
+            )
+        if old.get("objective") != json.loads(json.dumps(objective.describe())):
+            raise ConfigError(
+                f"resume: the objective differs from the one {str(rd)!r} was started with: "
+                "pass the same settings or start a new run_dir"
+            )
+        _same_settings(rd, old, settings)
+    return rd
+
+
+def _same_settings(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    for key in ("trials", "sampler", "seed"):
+        if key in new and old.get("settings", {}).get(key) != new[key]:
+            raise ConfigError(
+                f"resume: {key}={new[key]!r} but the run was started with "
+                f"{old.get('settings', {}).get(key)!r}: pass the same value"
+            )
 
 
 def describe_space(space: CompressionSpace) -> dict[str, Any]:
@@ -193,9 +367,4 @@ def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
                 f"resume: the {key} differs from the one {str(run_dir)!r} was started with: "
                 "pass the same settings or start a new run_dir"
             )
-    for key in ("trials", "sampler", "seed"):
-        if old.get("settings", {}).get(key) != new["settings"][key]:
-            raise ConfigError(
-                f"resume: {key}={new['settings'][key]!r} but the run was started with "
-                f"{old['settings'].get(key)!r}: pass the same value"
-            )
+    _same_settings(run_dir, old, new["settings"])

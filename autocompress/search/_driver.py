@@ -9,7 +9,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -22,7 +21,10 @@ from typing import Any
 from autocompress.errors import AutocompressError, ConfigError
 from autocompress.objectives import Objective, Reference
 from autocompress.search._checks import (
+    RunLock,
     check_resume,
+    check_run_dir,
+    clear_run_dir,
     describe_space,
     prepare_run_dir,
     space_needed,
@@ -272,124 +274,124 @@ def run(
     if address is not None and not ray.is_initialized():
         probe(address)
     teacher_bytes = 4 * sum(p.numel() for p in task.build_model().parameters())
-    rd = prepare_run_dir(run_dir, resume, space_needed(teacher_bytes, trials))
-    resume = resume and (rd / "run.json").is_file()  # False: killed before it really started
-    settings = {
-        "trials": trials,
-        "workers": workers,
-        "seed": seed,
-        "time_budget": time_budget,
-        "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
-        "trial_timeout": trial_timeout,
-        "address": address,
-        "keep_artifacts": keep_artifacts,
-        "cpus_per_trial": cpus_per_trial,
-        "gpus_per_trial": gpus_per_trial,
-        "device": device,
-        "max_failures": max_failures,
-        "baselines": points,
-        "early_stop": None if early_stop is None else asdict(early_stop),
-    }
-    desc = {
-        "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},
-        "space": describe_space(space),
-        "objective": objective.describe(),
-        "settings": settings,
-    }
-    if resume:
-        check_resume(rd, desc)
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    t0 = time.monotonic()
-    started = False
+    lock = RunLock.acquire(check_run_dir(run_dir, resume))  # one driver per run_dir
     try:
-        teacher, reference = _teacher(task, objective, rd)
-        log.debug("teacher ready in %.1fs", time.monotonic() - t0)
-        if not (rd / "run.json").is_file():
-            run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
-            run_json["teacher"] = teacher
-            _write_json(rd / "run.json", run_json)
-        cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
-        started = start_ray(address, cpus, verbose)
-        check_resources(cpus_per_trial, gpus_per_trial)
-    except BaseException as e:
-        if started:
-            ray.shutdown()
-        if not resume:  # leave no half-made run behind: the same call can simply be retried
-            for p in rd.iterdir():
-                if p.is_dir():
-                    shutil.rmtree(p)
-                else:
-                    p.unlink()
-        if isinstance(e, KeyboardInterrupt) and not isinstance(e, SearchInterrupted):
+        rd = prepare_run_dir(run_dir, resume, space_needed(teacher_bytes, trials))
+        resume = resume and (rd / "run.json").is_file()  # False: killed before it really started
+        settings = {
+            "trials": trials,
+            "workers": workers,
+            "seed": seed,
+            "time_budget": time_budget,
+            "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
+            "trial_timeout": trial_timeout,
+            "address": address,
+            "keep_artifacts": keep_artifacts,
+            "cpus_per_trial": cpus_per_trial,
+            "gpus_per_trial": gpus_per_trial,
+            "device": device,
+            "max_failures": max_failures,
+            "baselines": points,
+            "early_stop": None if early_stop is None else asdict(early_stop),
+        }
+        desc = {
+            "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},
+            "space": describe_space(space),
+            "objective": objective.describe(),
+            "settings": settings,
+        }
+        if resume:
+            check_resume(rd, desc)
+        for k, v in QUIET_ENV.items():
+            os.environ.setdefault(k, v)
+        t0 = time.monotonic()
+        started = False
+        try:
+            teacher, reference = _teacher(task, objective, rd)
+            log.debug("teacher ready in %.1fs", time.monotonic() - t0)
+            if not (rd / "run.json").is_file():
+                run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
+                run_json["teacher"] = teacher
+                _write_json(rd / "run.json", run_json)
+            cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
+            started = start_ray(address, cpus, verbose)
+            check_resources(cpus_per_trial, gpus_per_trial)
+        except BaseException as e:
+            if started:
+                ray.shutdown()
+            if not resume:  # leave no half-made run behind: the same call can simply be retried
+                clear_run_dir(rd)
+            if isinstance(e, KeyboardInterrupt) and not isinstance(e, SearchInterrupted):
+                raise SearchInterrupted(
+                    "interrupted before the search started; nothing was lost: run it again"
+                    + (" with --resume" if resume else "")
+                ) from None
+            if isinstance(e, Exception) and (why := disk_problem(e)):
+                raise _disk_error(why, rd) from None
+            raise
+        log.debug("ray ready at %.1fs", time.monotonic() - t0)
+        try:
+            from autocompress.search._tune import fit, unadopted
+
+            with sigterm_as_interrupt():
+                tune_trials = fit(
+                    task,
+                    space,
+                    objective,
+                    rd,
+                    reference,
+                    points,
+                    sampler,
+                    settings,
+                    progress,
+                    verbose,
+                    resume,
+                    quiet(verbose),
+                )
+        except KeyboardInterrupt:  # a second Ctrl-C: Tune's state was saved at the first
             raise SearchInterrupted(
-                "interrupted before the search started; nothing was lost: run it again"
-                + (" with --resume" if resume else "")
+                "interrupted; finished trials are kept: resume with --resume (resume=True)"
             ) from None
-        if isinstance(e, Exception) and (why := disk_problem(e)):
-            raise _disk_error(why, rd) from None
-        raise
-    log.debug("ray ready at %.1fs", time.monotonic() - t0)
-    try:
-        from autocompress.search._tune import fit, unadopted
+        except Exception as e:
+            if why := disk_problem(e):
+                raise _disk_error(why, rd) from None
+            raise
+        finally:
+            if started:
+                ray.shutdown()
+        log.debug("search done at %.1fs", time.monotonic() - t0)
+        fail_stale_optuna_trials(rd)
+        from autocompress.search._journal import sync_journal
 
-        with sigterm_as_interrupt():
-            tune_trials = fit(
-                task,
-                space,
-                objective,
-                rd,
-                reference,
-                points,
-                sampler,
-                settings,
-                progress,
-                verbose,
-                resume,
-                quiet(verbose),
-            )
-    except KeyboardInterrupt:  # a second Ctrl-C: Tune's state was saved at the first
-        raise SearchInterrupted(
-            "interrupted; finished trials are kept: resume with --resume (resume=True)"
-        ) from None
-    except Exception as e:
-        if why := disk_problem(e):
-            raise _disk_error(why, rd) from None
-        raise
-    finally:
-        if started:
-            ray.shutdown()
-    log.debug("search done at %.1fs", time.monotonic() - t0)
-    fail_stale_optuna_trials(rd)
-    from autocompress.search._journal import sync_journal
+        sync_journal(rd)
+        from autocompress.search._finalize import finalize
 
-    sync_journal(rd)
-    from autocompress.search._finalize import finalize
-
-    statuses = [t.get("status", "") for t in tune_trials.values()]
-    over_time = time_budget is not None and time.monotonic() - t0 >= time_budget
-    interrupted = any(s in ("PENDING", "RUNNING", "PAUSED") for s in statuses) or (
-        len(tune_trials) < trials and not over_time
-    )
-    settings = {**settings, "run_dir": str(rd)}
-    try:
-        result = finalize(
-            rd,
-            tune_trials,
-            task,
-            objective,
-            reference,
-            teacher,
-            settings,
-            time.monotonic() - t0,
-            interrupted=interrupted,
-            unadopted=unadopted(rd),
+        statuses = [t.get("status", "") for t in tune_trials.values()]
+        over_time = time_budget is not None and time.monotonic() - t0 >= time_budget
+        interrupted = any(s in ("PENDING", "RUNNING", "PAUSED") for s in statuses) or (
+            len(tune_trials) < trials and not over_time
         )
-    except Exception as e:
-        if why := disk_problem(e):
-            raise _disk_error(why, rd) from None
-        raise
-    log.debug("finalized at %.1fs", time.monotonic() - t0)
-    if progress and result.message:
-        print(f"autocompress: {result.message}", file=sys.stderr)
-    return result
+        settings = {**settings, "run_dir": str(rd)}
+        try:
+            result = finalize(
+                rd,
+                tune_trials,
+                task,
+                objective,
+                reference,
+                teacher,
+                settings,
+                time.monotonic() - t0,
+                interrupted=interrupted,
+                unadopted=unadopted(rd),
+            )
+        except Exception as e:
+            if why := disk_problem(e):
+                raise _disk_error(why, rd) from None
+            raise
+        log.debug("finalized at %.1fs", time.monotonic() - t0)
+        if progress and result.message:
+            print(f"autocompress: {result.message}", file=sys.stderr)
+        return result
+    finally:
+        lock.release()

@@ -7,15 +7,17 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from torch import nn
 
-from autocompress.errors import AutocompressError
+from autocompress.errors import ArtifactError, AutocompressError
 from autocompress.search._pareto import hypervolume_history
 from autocompress.search._tables import read_csv
+
+if TYPE_CHECKING:
+    from torch import nn
 
 RESULT_VERSION = 1
 MAX_JSON_BYTES = 64 << 20
@@ -56,6 +58,8 @@ class SearchResult:
         """Reopen a finished run from ``trials.csv``, ``pareto.csv`` and ``result.json``."""
         d = Path(run_dir)
         path = d / "result.json"
+        if not d.is_dir():
+            raise AutocompressError(f"run directory {str(d)!r} does not exist: check the path")
         if not path.is_file():
             raise AutocompressError(
                 f"{str(d)!r} has no result.json: it is not a finished run (resume it to finish)"
@@ -124,11 +128,30 @@ class SearchResult:
         return load(self.artifact_path(trial_id), model=model)
 
     def export(self, trial_id: str, out_dir: str | os.PathLike[str]) -> Path:
-        """Copy ``trial_id``'s artifact directory to ``out_dir`` (which must not exist)."""
+        """Copy ``trial_id``'s artifact directory to ``out_dir`` (which must not exist).
+
+        The artifact is verified (every file's size and sha256 against its manifest, as
+        :func:`~autocompress.artifacts.load` does) before and after the copy; a corrupt one
+        raises :class:`~autocompress.errors.ArtifactError` and nothing is left at ``out_dir``.
+        """
+        from autocompress.artifacts._io import read_verified
+
         src, dst = self.artifact_path(trial_id), Path(out_dir)
         if dst.exists():
             raise AutocompressError(f"{str(dst)!r} already exists: choose a new directory")
-        shutil.copytree(src, dst)
+        try:
+            read_verified(src)
+        except ArtifactError as e:
+            raise ArtifactError(f"trial {trial_id!r}: {e}; nothing was copied") from None
+        tmp = dst.with_name(f".{dst.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(src, tmp)
+            read_verified(tmp)
+            os.replace(tmp, dst)
+        except (OSError, ArtifactError):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return dst
 
     def study(self) -> Any:

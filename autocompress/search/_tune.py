@@ -213,6 +213,7 @@ def fit(
                         objective.directions,
                         str(run_dir),
                         settings["time_budget"],
+                        settings["workers"],
                     )
                 )
             tuner = tune.Tuner(

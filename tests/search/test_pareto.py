@@ -92,10 +92,14 @@ def test_progress_line() -> None:
     p = Progress(4, ["accuracy", "size_bytes"], ["maximize", "minimize"], time_budget=10)
     assert p.line(now=p.start).startswith("search: 0/4 trials, 0 failed | front 0 | no feasible")
     p.add("COMPLETE", {"accuracy": 0.9, "size_bytes": 10.0, "compression_ratio": 5.0}, True)
-    p.add("COMPLETE", {"accuracy": 0.8, "size_bytes": 20.0, "compression_ratio": 9.0}, False)
+    p.add("COMPLETE", {"accuracy": 0.99, "size_bytes": 20.0, "compression_ratio": 9.0}, False)
     p.add("FAILED", {}, False)
     line = p.line(now=p.start + 30)
     assert "3/4 trials, 1 failed" in line and "front 1" in line
-    assert "best feasible ratio 5.0x" in line and "ETA 0s" in line  # capped by the budget
+    assert "best feasible accuracy 0.9000 (10 B, 5.0x)" in line  # the infeasible 0.99 is not
+    assert "ETA" not in line  # no trial durations yet: no guess
     p.add("COMPLETE", {"accuracy": 0.95, "size_bytes": 30.0, "compression_ratio": 3.0}, True)
-    assert "front 2" in p.line() and "done in" in p.line()
+    line = p.line()
+    assert "front 2" in line and "done in" in line
+    assert "best feasible accuracy 0.9500 (30 B, 3.0x)" in line
+    assert "smallest feasible 10 B, 5.0x, accuracy 0.9000" in line

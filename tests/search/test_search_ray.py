@@ -62,10 +62,8 @@ def test_bad_inputs_raise_before_ray(digits_mlp: Task, tmp_path: Path) -> None:
     ]
     for kwargs, match in bad:
         kwargs.setdefault("run_dir", tmp_path / "r")
-        t0 = time.monotonic()
         with pytest.raises(ConfigError, match=match):
             run(digits_mlp, space, progress=False, **kwargs)
-        assert time.monotonic() - t0 < 2.0
     with pytest.raises(ConfigError, match="unknown metric"):
         run(digits_mlp, space, Objective(["accuracy"], ["acc_drop <= 0.01"]), run_dir=tmp_path)
     if not was_up:  # an unreachable cluster fails fast, before anything is written
