@@ -1,12 +1,18 @@
 """Low-rank factorization: replace a layer by two thinner ones from its truncated SVD.
 
-A layer at ``name`` becomes ``nn.Sequential(first, second)``, so its parameters are renamed
-``name.0.weight``, ``name.1.weight``, ``name.1.bias``:
+A layer at ``name`` becomes a :class:`LowRank` (an ``nn.Sequential(first, second)``), so its
+parameters are renamed ``name.0.weight``, ``name.1.weight``, ``name.1.bias``:
 
 * ``Linear(in, out)`` -> ``Linear(in, r, bias=False)``, ``Linear(r, out)``
+* Hugging Face ``Conv1D(nf=out, nx=in)`` (GPT-2) -> the same two Linears
 * ``Conv{1,2}d(in, out, k)`` (groups=1) -> ``Conv(in, r, k, stride, padding, dilation,
   bias=False)``, ``Conv(r, out, 1)``
 * ``Embedding(num, dim)`` -> ``Embedding(num, r)``, ``Linear(r, dim, bias=False)``
+
+A ``LowRank`` still answers as the layer it replaced: ``.weight`` is the product of the factors in
+the original layout, ``.bias`` the second factor's bias, and the size attributes
+(``in_features``, ``out_channels``, ``embedding_dim``, ``nf``, ...) are kept, because Hugging Face
+code reads them directly (ViT's ``projection.weight.dtype``, T5's ``wo.weight``).
 
 With ``W = U S Vt`` truncated to rank ``r``, the first factor holds ``sqrt(S) Vt`` and the
 second ``U sqrt(S)``, so their product is the best rank-``r`` approximation of ``W``. The rank is
@@ -29,8 +35,66 @@ from torch import nn
 from autocompress.errors import PlanError
 
 FACTORIZABLE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
-# Parents that read their children's ``.weight`` directly instead of calling them, so a child
-# replaced by a Sequential would break them (MHA's out_proj, the encoder layers' fast path).
+_SIZE_ATTRS: dict[str, tuple[str, ...]] = {
+    "linear": ("in_features", "out_features"),
+    "conv1d": ("nf", "nx"),
+    "conv": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation"),
+    "embedding": ("num_embeddings", "embedding_dim", "padding_idx"),
+}
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (GPT-2): a Linear with a transposed ``(in, out)`` weight."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _kind(m: nn.Module) -> str:
+    if _is_conv1d(m):
+        return "conv1d"
+    if isinstance(m, nn.Linear):
+        return "linear"
+    if isinstance(m, nn.Embedding):
+        return "embedding"
+    return "conv"
+
+
+class LowRank(nn.Sequential):
+    """Two low-rank factors that still answer as the layer they replaced.
+
+    Runs as ``second(first(x))``; ``weight`` rebuilds the full weight (in the original layer's
+    layout and dtype) for code that reads it, ``bias`` is the second factor's bias, and the
+    original layer's size attributes are kept.
+
+    Example:
+        >>> lr = factorize(nn.Sequential(nn.Linear(64, 300)), {"0": 0.5})[0]
+        >>> type(lr).__name__, tuple(lr.weight.shape), lr.out_features
+        ('LowRank', (300, 64), 300)
+    """
+
+    def __init__(self, first: nn.Module, second: nn.Module, like: nn.Module) -> None:
+        super().__init__(first, second)
+        self.kind = _kind(like)
+        for attr in _SIZE_ATTRS[self.kind]:
+            setattr(self, attr, getattr(like, attr))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        a, b = self[0].weight, self[1].weight
+        if self.kind == "linear":
+            return b @ a
+        if self.kind == "conv1d":
+            return (b @ a).T
+        if self.kind == "embedding":
+            return a @ b.T
+        return (b.flatten(1) @ a.flatten(1)).reshape(b.shape[0], *a.shape[1:])
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None if self.kind == "embedding" else self[1].bias
+
+
+# Parents that pass their children's weights to fused kernels (MHA's out_proj, the encoder
+# layers' fast path): a LowRank would rebuild the full weight on every call and save nothing.
 _WEIGHT_READERS: tuple[type[nn.Module], ...] = (
     nn.MultiheadAttention,
     nn.TransformerEncoderLayer,
@@ -82,7 +146,8 @@ def factorizable_layers(model: nn.Module) -> list[str]:
 
 
 def factorize(model: nn.Module, rank_ratios: Mapping[str, float]) -> nn.Module:
-    """A copy of ``model`` with each named layer split into two low-rank factors.
+    """A copy of ``model`` with each named layer split into two low-rank factors (a
+    :class:`LowRank` at the same name).
 
     Args:
         model: the model; never modified. Trained or not (the shapes are the same).
@@ -127,19 +192,24 @@ def _dims(module: nn.Module) -> tuple[int, int]:
     """``(n_in_eff, n_out)`` of the weight seen as a matrix."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return int(module.nx), int(module.nf)
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         n_in = module.in_channels // module.groups * math.prod(module.kernel_size)
         return n_in, module.out_channels
     if isinstance(module, nn.Embedding):
         return module.num_embeddings, module.embedding_dim
     raise PlanError(
-        f"{type(module).__name__} cannot be factorized: only Linear, Conv1d, Conv2d, Embedding"
+        f"{type(module).__name__} cannot be factorized: only Linear, Conv1D, Conv1d, Conv2d, "
+        "Embedding"
     )
 
 
 def _why_not(model: nn.Module, name: str, module: nn.Module) -> str | None:
-    if not isinstance(module, FACTORIZABLE):
-        return f"{type(module).__name__} is not one of Linear, Conv1d, Conv2d, Embedding"
+    if isinstance(module, LowRank):
+        return "already factorized"
+    if not (isinstance(module, FACTORIZABLE) or _is_conv1d(module)):
+        return f"{type(module).__name__} is not one of Linear, Conv1D, Conv1d, Conv2d, Embedding"
     if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups != 1:
         return f"grouped conv with groups={module.groups}"
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
@@ -161,12 +231,13 @@ def _factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _split(m: nn.Module, r: int) -> nn.Sequential:
+def _split(m: nn.Module, r: int) -> LowRank:
     kw = {"device": m.weight.device, "dtype": m.weight.dtype}
-    if isinstance(m, nn.Linear):
-        a, b = _factors(m.weight, r)  # (out, r), (r, in)
-        first = nn.Linear(m.in_features, r, bias=False, **kw)
-        second = nn.Linear(r, m.out_features, bias=m.bias is not None, **kw)
+    if isinstance(m, nn.Linear) or _is_conv1d(m):
+        n_in, n_out = _dims(m)
+        a, b = _factors(m.weight.T if _is_conv1d(m) else m.weight, r)  # (out, r), (r, in)
+        first = nn.Linear(n_in, r, bias=False, **kw)
+        second = nn.Linear(r, n_out, bias=m.bias is not None, **kw)
     elif isinstance(m, nn.Embedding):
         a, b = _factors(m.weight, r)  # (num, r), (r, dim)
         first = nn.Embedding(
@@ -182,7 +253,7 @@ def _split(m: nn.Module, r: int) -> nn.Sequential:
         if m.padding_idx is not None:
             first.weight[m.padding_idx] = 0.0
         second.weight.copy_(b.T)
-        return nn.Sequential(first, second)
+        return LowRank(first, second, m)
     else:
         conv = nn.Conv1d if isinstance(m, nn.Conv1d) else nn.Conv2d
         a, b = _factors(m.weight.reshape(m.out_channels, -1), r)
@@ -204,4 +275,4 @@ def _split(m: nn.Module, r: int) -> nn.Sequential:
     second.weight.copy_(a)
     if m.bias is not None:
         second.bias.copy_(m.bias)
-    return nn.Sequential(first, second)
+    return LowRank(first, second, m)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from autocompress.compress._lowrank import (
+    LowRank,
     _dims,
     _split,
     break_even_rank,
@@ -147,3 +148,74 @@ def test_attention_internals_are_refused() -> None:
     assert factorizable_layers(model) == []
     with pytest.raises(PlanError, match="reads the weight"):
         factorize(model, {"0.linear1": 0.5})
+
+
+@pytest.mark.parametrize(("layer", "make_x"), CASES)
+def test_factorized_layer_still_answers_as_the_layer(layer: nn.Module, make_x) -> None:
+    full = _split(layer, min(_dims(layer)))
+    assert isinstance(full, LowRank) and isinstance(full, nn.Sequential)
+    torch.testing.assert_close(full.weight, layer.weight, atol=1e-5, rtol=1e-4)
+    assert full.weight.dtype == layer.weight.dtype
+    if isinstance(layer, nn.Embedding):
+        assert full.bias is None and (full.num_embeddings, full.embedding_dim) == (50, 24)
+        assert full.padding_idx == 0
+    else:
+        assert full.bias is full[1].bias
+    small = factorize(wrap(layer), {"0": 0.3})[0]
+    first, second = small
+    assert small.weight.shape == layer.weight.shape
+    if isinstance(layer, nn.Linear):
+        assert (small.in_features, small.out_features) == (48, 40)
+        torch.testing.assert_close(small.weight, second.weight @ first.weight)
+    if isinstance(layer, nn.Conv1d | nn.Conv2d):
+        assert (small.out_channels, small.kernel_size, small.padding) == (
+            layer.out_channels,
+            layer.kernel_size,
+            layer.padding,
+        )
+
+
+class Conv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D: a Linear with a transposed (in, out) weight."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.randn(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight + self.bias
+
+
+def test_hf_conv1d_is_factorized_into_linears() -> None:
+    model = nn.Sequential(Conv1D(40, 48))
+    assert break_even_rank(model[0]) == 21 and factorizable_layers(model) == ["0"]
+    x = torch.randn(3, 48)
+    full = _split(model[0], 40)
+    torch.testing.assert_close(full(x), model(x), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full.weight, model[0].weight, atol=1e-5, rtol=1e-4)
+    small = factorize(model, {"0": 0.5})[0]
+    assert [type(m) for m in small] == [nn.Linear, nn.Linear] and (small.nf, small.nx) == (40, 48)
+    assert tuple(small.weight.shape) == (48, 40)
+
+
+def test_weight_follows_quantization_parametrizations() -> None:
+    from autocompress.compress._quant import attach, bake, set_sparsity
+    from autocompress.compress._targets import layer_modules
+    from autocompress.spaces._plan import LayerPlan, Plan
+
+    model = factorize(nn.Sequential(nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 10)), {"0": 0.5})
+    assert [n for n, _ in layer_modules(model, "0")] == ["0.0", "0.1"]
+    attach(model, Plan(layers={"0": LayerPlan(sparsity=0.5, bits=4)}))
+    set_sparsity(model, 1.0)
+    torch.testing.assert_close(model[0].weight, model[0][1].weight @ model[0][0].weight)
+    bake(model)
+    assert isinstance(model[0], LowRank)
+    assert sorted(model.state_dict()) == [
+        "0.0.weight",
+        "0.1.bias",
+        "0.1.weight",
+        "2.bias",
+        "2.weight",
+    ]
