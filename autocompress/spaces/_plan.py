@@ -135,8 +135,11 @@ class Plan:
     Args:
         layers: per-layer knobs keyed by fully qualified module name (``model.named_modules()``).
             Layers not listed are left uncompressed.
-        width: global student width multiplier in (0, 1]; hidden channels are shrunk structurally.
+        width: global student width multiplier in (0, 1]; hidden channels are shrunk structurally
+            (in transformers: the feed-forward channels; the hidden size is kept).
         finetune: distillation fine-tune settings.
+        heads: fraction of attention heads each transformer attention keeps, in (0, 1]; ``None``
+            (the default, and what a plan saved without the key loads as) uses ``width``.
 
     Example:
         >>> p = Plan.uniform(["fc1", "fc2"], sparsity=0.5, bits=4)
@@ -147,10 +150,15 @@ class Plan:
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     width: float = 1.0
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    heads: float | None = None
 
     def __post_init__(self) -> None:
         if not (_is_num(self.width) and 0.0 < self.width <= 1.0):
             raise PlanError(f"width={self.width!r} is outside (0, 1]: use 1.0 for no shrink")
+        if self.heads is not None and not (_is_num(self.heads) and 0.0 < self.heads <= 1.0):
+            raise PlanError(
+                f"heads={self.heads!r} is outside (0, 1]: use 1.0 to keep every attention head"
+            )
         for name, lp in self.layers.items():
             if not isinstance(lp, LayerPlan):
                 raise PlanError(f"layer {name!r}: expected a LayerPlan, got {type(lp).__name__}")
@@ -167,6 +175,7 @@ class Plan:
         rank_ratio: float = 1.0,
         width: float = 1.0,
         finetune: FinetuneSettings | None = None,
+        heads: float | None = None,
     ) -> Plan:
         """The same knobs for every layer in ``layers`` (a baseline policy).
 
@@ -176,7 +185,10 @@ class Plan:
         """
         lp = LayerPlan(sparsity=sparsity, bits=bits, scheme=scheme, rank_ratio=rank_ratio)
         return cls(
-            layers={n: lp for n in layers}, width=width, finetune=finetune or FinetuneSettings()
+            layers={n: lp for n in layers},
+            width=width,
+            finetune=finetune or FinetuneSettings(),
+            heads=heads,
         )
 
     def replace(self, **changes: Any) -> Plan:
@@ -199,7 +211,16 @@ class Plan:
     @property
     def is_identity(self) -> bool:
         """True when applying the plan changes nothing structural or numeric."""
-        return self.width == 1.0 and all(lp.is_identity for lp in self.layers.values())
+        return (
+            self.head_fraction == 1.0
+            and self.width == 1.0
+            and all(lp.is_identity for lp in self.layers.values())
+        )
+
+    @property
+    def head_fraction(self) -> float:
+        """Fraction of attention heads kept: ``heads``, or ``width`` when it is not set."""
+        return self.width if self.heads is None else self.heads
 
     # --- JSON -----------------------------------------------------------------------------
     def to_dict(self, compact: bool = False) -> dict[str, Any]:
@@ -222,6 +243,8 @@ class Plan:
         }
         if compact:
             out = {k: v for k, v in out.items() if v not in ({}, 1.0) or k == "_version"}
+        if self.heads is not None:  # 1.0 is not a default here: it differs from "follow width"
+            out["heads"] = self.heads
         return out
 
     def to_json(self, compact: bool = False) -> str:
@@ -241,7 +264,7 @@ class Plan:
                 f"plan _version={version!r} is not supported by this autocompress "
                 f"(supports {PLAN_VERSION}): upgrade autocompress"
             )
-        allowed = {"_type", "_version", "width", "finetune", "layers"}
+        allowed = {"_type", "_version", "width", "finetune", "layers", "heads"}
         extra = set(d) - allowed
         if extra:
             raise PlanError(f"plan has unknown keys {sorted(extra)}: allowed are {sorted(allowed)}")
@@ -269,7 +292,12 @@ class Plan:
             raise PlanError(
                 f"plan finetune has unknown keys {sorted(bad)}: allowed are {sorted(ft_keys)}"
             )
-        return cls(layers=layers, width=d.get("width", 1.0), finetune=FinetuneSettings(**ft_raw))
+        return cls(
+            layers=layers,
+            width=d.get("width", 1.0),
+            finetune=FinetuneSettings(**ft_raw),
+            heads=d.get("heads"),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> Plan:

@@ -248,3 +248,18 @@ def test_hidden_sizes_follow_width(width: float) -> None:
     expected = [max(1, int(width * c + 1e-9)) for c in (300, 100)] + [10]
     assert [small[i].out_features for i in (0, 2, 4)] == expected
     assert small(torch.randn(3, 64)).shape == (3, 10)
+
+
+def test_plan_heads_knob_json_is_backward_compatible() -> None:
+    from autocompress.spaces._plan import Plan
+
+    old = Plan.from_json('{"_type":"Plan","_version":1,"width":0.5}')  # saved before `heads`
+    assert old.heads is None and old.head_fraction == 0.5
+    plan = Plan(width=0.5, heads=1.0)
+    assert plan.head_fraction == 1.0 and not plan.is_identity
+    assert '"heads":1.0' in plan.to_json(compact=True)
+    for p in (plan, Plan(heads=0.25), old):
+        assert Plan.from_json(p.to_json()) == p == Plan.from_json(p.to_json(compact=True))
+    assert Plan(heads=1.0).is_identity
+    with pytest.raises(PlanError, match="heads=0"):
+        Plan(heads=0.0)
