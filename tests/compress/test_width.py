@@ -263,3 +263,33 @@ def test_plan_heads_knob_json_is_backward_compatible() -> None:
     assert Plan(heads=1.0).is_identity
     with pytest.raises(PlanError, match="heads=0"):
         Plan(heads=0.0)
+
+
+def test_a_graph_build_that_never_ends_is_stopped_with_plan_error(monkeypatch) -> None:
+    import autocompress.compress._width as width_mod
+
+    class Forever:
+        def __init__(self, *args, **kwargs) -> None:
+            while True:  # a pure-Python loop, like torch-pruning's graph search
+                pass
+
+    monkeypatch.setattr(width_mod.tp.pruner, "BasePruner", Forever)
+    with pytest.raises(PlanError, match="dependency graph took more than 0.2 s"):
+        shrink_width(mlp(), 0.5, torch.randn(2, 64), timeout=0.2)
+    assert shrink_width(mlp(), 1.0, torch.randn(2, 64), timeout=0.2)[0].out_features == 300
+
+
+def test_dict_and_tuple_example_inputs() -> None:
+    class Keywords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 20)
+            self.out = nn.Linear(20, 3)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.out(torch.relu(self.fc(x))) * scale}
+
+    x, s = torch.randn(2, 8), torch.ones(2, 1)
+    for example in ({"x": x, "scale": s}, (x, s)):
+        small = shrink_width(Keywords(), 0.5, example)
+        assert (small.fc.out_features, small.out.out_features) == (10, 3)
