@@ -29,7 +29,7 @@ from autocompress.tasks._batch import Inputs
 
 def check_plan(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`PlanError` (one line) if ``plan`` does not fit ``model``'s layers."""
-    layers = {info.name: info for info in discover_layers(model)[0]}
+    layers = {n: info for info in discover_layers(model)[0] for n in (info.name, *info.aliases)}
     for name, lp in plan.layers.items():
         if name not in layers:
             import difflib
