@@ -126,3 +126,107 @@ def test_apply_refuses_bad_plans_before_training(digits_mlp: Task) -> None:
 def test_cuda_without_gpu_is_a_clear_error(digits_mlp: Task) -> None:
     with pytest.raises(PlanError, match="no GPU"):
         apply(digits_mlp.teacher(), Plan.uniform(LAYERS, bits=8), digits_mlp, device="cuda")
+
+
+# --- the fine-tune loop --------------------------------------------------------------------
+GPU = pytest.mark.gpu
+NO_GPU = "needs a CUDA GPU: torch.cuda.is_available() is False on this machine"
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[GPU, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason=NO_GPU)])],
+)  # fmt: skip
+def test_apply_and_finetune_on_device(digits_mlp: Task, device: str) -> None:
+    """The same code path on every device: sparsity + bits + 2-epoch distillation (AMP on CUDA)."""
+    plan = Plan.uniform(LAYERS, sparsity=0.7, bits=6, finetune=FinetuneSettings(epochs=2))
+    q = apply(digits_mlp.teacher(), plan, digits_mlp, device=device)
+    assert next(q.parameters()).device.type == "cpu"
+    assert digits_mlp.evaluate(q, "val")["accuracy"] > 0.8
+    w = q.fc1.weight
+    assert int((w == 0).sum()) == round(0.7 * w.numel())
+
+
+def _student_and_task(digits_mlp: Task) -> tuple[nn.Module, Task]:
+    plan = Plan.uniform(LAYERS, bits=8, finetune=NO_FT)
+    student = apply(digits_mlp.teacher(), plan)
+    attach(student, plan)
+    return student, digits_mlp
+
+
+def test_step_budget_and_accumulation(digits_mlp: Task) -> None:
+    from autocompress.compress import distill
+
+    student, task = _student_and_task(digits_mlp)
+    n = len(task.data("train"))
+    s = FinetuneSettings(epochs=5, batch_size=64, max_steps=3)
+    r = distill(student, task.teacher(), task, s)
+    assert r["steps"] == 3 and r["epochs"] == 1
+    per_epoch = -(-n // 64)  # ceil: the last partial accumulation still steps
+    acc = FinetuneSettings(epochs=1, batch_size=64, accum_steps=4)
+    r = distill(student, task.teacher(), task, acc)
+    assert r["steps"] == -(-per_epoch // 4)
+
+
+def test_time_budget_stops_after_one_step(digits_mlp: Task) -> None:
+    from autocompress.compress import distill
+
+    student, task = _student_and_task(digits_mlp)
+    r = distill(student, task.teacher(), task, FinetuneSettings(epochs=50, max_seconds=1e-9))
+    assert r["steps"] == 1 and r["epochs"] == 1
+
+
+def test_streamed_data_distills_with_teacher_outputs_per_batch(digits_mlp: Task) -> None:
+    """A DataLoader task fine-tunes (teacher run per batch) and improves a damaged student."""
+    from torch.utils.data import DataLoader
+
+    from autocompress.compress import distill
+
+    x, y = digits_mlp.data("train").tensors
+    loader = DataLoader(digits_mlp.data("train"), batch_size=32, shuffle=True)
+    task = Task.from_module(
+        digits_mlp.teacher(), loader, digits_mlp.data("val"), digits_mlp.data("test")
+    )
+    student = copy.deepcopy(digits_mlp.teacher())
+    student.fc3.reset_parameters()  # a damaged student: chance-level accuracy
+    before = task.evaluate(student, "val")["accuracy"]
+    r = distill(student, task.teacher(), task, FinetuneSettings(epochs=2, lr=1e-3))
+    assert r["steps"] == 2 * -(-len(x) // 32)
+    assert task.evaluate(student, "val")["accuracy"] > before + 0.3
+
+
+def test_diverged_loss_is_reported(digits_mlp: Task) -> None:
+    from autocompress.compress import FinetuneDiverged, distill
+
+    student, task = _student_and_task(digits_mlp)
+    with torch.no_grad():
+        student.fc3.bias.fill_(float("nan"))
+    with pytest.raises(FinetuneDiverged, match="loss became nan"):
+        distill(student, task.teacher(), task, FinetuneSettings(epochs=2))
+
+
+def test_best_weights_are_kept_in_one_buffer() -> None:
+    from autocompress.tasks._train import Snapshot
+
+    m, snap = DigitsMLP(), Snapshot()
+    snap.save(m)
+    buf = snap.state["fc1.weight"]
+    with torch.no_grad():
+        m.fc1.weight.add_(1.0)
+    snap.save(m)
+    assert snap.state["fc1.weight"] is buf and torch.equal(buf, m.fc1.weight)
+    with torch.no_grad():
+        m.fc1.weight.zero_()
+    snap.restore(m)
+    assert torch.equal(m.fc1.weight, buf)
+
+
+def test_old_plan_json_without_new_finetune_keys_loads() -> None:
+    old = '{"_type":"Plan","_version":1,"finetune":{"epochs":3,"ramp":0.0},"layers":{}}'
+    ft = Plan.from_json(old).finetune
+    assert (ft.epochs, ft.accum_steps, ft.max_steps, ft.max_seconds, ft.amp) == (3, 1, 0, 0.0, True)
+    with pytest.raises(PlanError, match="accum_steps=0"):
+        FinetuneSettings(accum_steps=0)
+    with pytest.raises(PlanError, match="max_seconds"):
+        FinetuneSettings(max_seconds=-1.0)
