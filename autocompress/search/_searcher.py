@@ -180,6 +180,30 @@ def default_baselines(space: CompressionSpace, n: int = len(CLASSIC), seed: int 
     return plans
 
 
+UNITS = {
+    "accuracy": "task score",
+    "size_bytes": "bytes",
+    "onnx_bytes": "bytes",
+    "compression_ratio": "x teacher bytes",
+    "params": "nonzero parameters",
+    "macs": "multiply-accumulates",
+    "bitops": "bit operations",
+    "speedup": "x teacher speed",
+    "score": "weighted sum",
+}
+
+
+def metric_unit(name: str, log: bool) -> str:
+    """The unit of ``name`` as Optuna sees it (``log10(...)`` when told on a log scale).
+
+    Example:
+        >>> metric_unit("size_bytes", True), metric_unit("latency_ms_b1", False)
+        ('log10(bytes)', 'ms')
+    """
+    unit = UNITS.get(name) or ("ms" if name.startswith("latency_ms") else "value")
+    return f"log10({unit})" if log else unit
+
+
 def _enqueued(ot_trial: Any) -> bool:
     """True if Optuna took this trial's parameters from ``enqueue_trial`` (not the sampler)."""
     attrs = ot_trial.storage.get_trial_system_attrs(ot_trial._trial_id)
@@ -203,15 +227,40 @@ class ConstrainedOptunaSearch(OptunaSearch):
       resampled.
     * Metrics named in ``log_metrics`` are told to Optuna as ``log10`` of their (positive)
       value, so NSGA-II's crowding distance works on compression ratios, not raw bytes.
+    * For optuna-dashboard and ``SearchResult.study()``: the study carries the metric names
+      (``study.set_metric_names``) and their units (study user attr ``units``, e.g.
+      ``"log10(bytes)"`` for ``size_bytes``); every trial that ran carries ``trial_id`` (the
+      Tune trial id of ``trials.csv``) as a user attr, and every completed one its constraint
+      values in the system attr ``constraints`` (a list, the form Optuna's samplers and the
+      dashboard read), by name in the user attr ``constraints``, and the metrics themselves
+      (not ``log10``) in the user attr ``metrics``.
     """
 
-    def __init__(self, *args: Any, log_metrics: Sequence[str] = (), **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        log_metrics: Sequence[str] = (),
+        constraint_names: Sequence[str] = (),
+        **kwargs: Any,
+    ) -> None:
+        self._log_metrics = tuple(log_metrics)  # before super(): its _setup_study reads them
+        self._constraint_names = tuple(constraint_names)
         super().__init__(*args, **kwargs)
         self._seen_plans: dict[str, str] = {}
         self._plan_of: dict[str, str] = {}
         self._running: dict[str, str] = {}  # plan -> the trial evaluating it now
-        self._log_metrics = tuple(log_metrics)
         self._exhausted = False
+
+    def _setup_study(self, mode: str | list) -> None:
+        super()._setup_study(mode)
+        names = self._metric if isinstance(self._metric, list) else [self._metric]
+        study = self._ot_study
+        if study.metric_names is None and all(isinstance(n, str) for n in names):
+            with warnings.catch_warnings():  # "experimental" since Optuna 3.2
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(names))
+            logs = set(getattr(self, "_log_metrics", ()))
+            study.set_user_attr("units", {n: metric_unit(n, n in logs) for n in names})
 
     def suggest(self, trial_id: str) -> dict | None:
         # after a suggest whose resamples all repeated (a nearly exhausted space), try once
@@ -228,6 +277,8 @@ class ConstrainedOptunaSearch(OptunaSearch):
             ot_trial.set_user_attr("repeat_of", first)
             self._ot_study.tell(ot_trial, state=optuna.trial.TrialState.FAIL)
             del self._ot_trials[trial_id]
+        if trial_id in self._ot_trials:
+            self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
         key = config["plan_json"]
         self._plan_of[trial_id] = key
         self._running_plans().setdefault(key, trial_id)
@@ -253,14 +304,10 @@ class ConstrainedOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         failed = error or not result or result.get("status") != "COMPLETE"
         if ot_trial is not None and not failed:
-            for key in sorted(k for k in result if k.startswith(CONSTRAINT_PREFIX)):
-                value = float(result[key])
-                try:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        ot_trial.set_constraint("c" + key[len(CONSTRAINT_PREFIX) :], value)
-                except Exception as e:  # e.g. the trial was already told before a restore
-                    log.debug("set_constraint on %s failed: %s", trial_id, e)
+            try:
+                self._describe(ot_trial, result)
+            except Exception as e:  # e.g. the trial was already told before a restore
+                log.debug("recording constraints of %s failed: %s", trial_id, e)
         plan_key = self._plan_of.get(trial_id)
         if plan_key is not None and self._running_plans().get(plan_key) == trial_id:
             del self._running[plan_key]
@@ -270,6 +317,28 @@ class ConstrainedOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, None, error=True)
         else:
             super().on_trial_complete(trial_id, self._told(result), error=False)
+
+    def _describe(self, ot_trial: Any, result: dict) -> None:
+        """Constraints (system attr, as Optuna's samplers store them) and readable user attrs."""
+        keys = sorted(
+            (k for k in result if k.startswith(CONSTRAINT_PREFIX)),
+            key=lambda k: int(k[len(CONSTRAINT_PREFIX) :]),
+        )
+        values = [float(result[k]) for k in keys]
+        storage, tid = ot_trial.storage, ot_trial._trial_id
+        if values and "constraints" not in storage.get_trial_system_attrs(tid):
+            storage.set_trial_system_attr(tid, "constraints", values)
+            names = list(getattr(self, "_constraint_names", ()))
+            if len(names) != len(values):
+                names = [f"c{i}" for i in range(len(values))]
+            ot_trial.set_user_attr("constraints", dict(zip(names, values, strict=True)))
+        metrics = self._metric if isinstance(self._metric, list) else [self._metric]
+        raw = {n: result[n] for n in metrics if isinstance(result.get(n), int | float)}
+        for extra in ("size_bytes", "compression_ratio", "accuracy_drop"):
+            if isinstance(result.get(extra), int | float):
+                raw.setdefault(extra, result[extra])
+        ot_trial.set_user_attr("metrics", raw)
+        ot_trial.set_user_attr("feasible", bool(result.get("feasible", not values)))
 
     def _told(self, result: dict) -> dict:
         """``result`` with the log-scaled metrics replaced by ``log10`` of their value."""

@@ -203,6 +203,7 @@ def fit(
                 study_name=STUDY_NAME,
                 storage=study_storage(run_dir),
                 log_metrics=objective.log_scaled,
+                constraint_names=[str(c) for c in objective.constraints],
             )
             callbacks: list[Any] = [TrimFinishedTrials()]
             if progress:

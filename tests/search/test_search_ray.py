@@ -334,3 +334,30 @@ def test_early_stop_ends_hopeless_fine_tunes(ray_cluster, digits_mlp: Task, tmp_
     assert set(result.pareto["width"]) == {1.0}
     run_json = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_json["settings"]["early_stop"] == {"after": 0.34, "margin": 0.05}
+
+
+def test_one_seed_one_worker_same_trials_and_a_readable_study(
+    ray_cluster, digits_mlp: Task, tmp_path: Path
+) -> None:
+    """Same seed, one worker: the same plans in the same order (NSGA-II's second generation
+    depends on the first one's scores, so this also needs deterministic trials). The study is
+    what optuna-dashboard shows: metric names, units, constraints, Tune trial ids."""
+    space = _space(digits_mlp, ft=FinetuneSettings(epochs=2))
+    kw = {"trials": 9, "workers": 1, "seed": 7, "sampler": "nsga2", "progress": False}
+    a, b = (run(digits_mlp, space, run_dir=tmp_path / name, **kw) for name in ("a", "b"))
+    assert list(a.trials["plan_json"]) == list(b.trials["plan_json"])
+    assert list(a.trials["accuracy"]) == list(b.trials["accuracy"])
+    assert a.trials["plan_json"].nunique() >= 6
+    study = a.study()
+    assert study.metric_names == ["accuracy", "size_bytes"]
+    assert study.user_attrs["units"] == {"accuracy": "task score", "size_bytes": "log10(bytes)"}
+    ran = [t for t in study.trials if "repeat_of" not in t.user_attrs]
+    assert sorted(t.user_attrs["trial_id"] for t in ran) == sorted(a.trials["trial_id"])
+    done = [t for t in ran if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == (a.trials["status"] == "COMPLETE").sum() > 0
+    for t in done:
+        row = a.trials[a.trials["trial_id"] == t.user_attrs["trial_id"]].iloc[0]
+        assert list(t.user_attrs["constraints"]) == ["accuracy_drop <= 0.01"]
+        assert t.system_attrs["constraints"] == list(t.user_attrs["constraints"].values())
+        assert t.user_attrs["feasible"] == bool(row["feasible"])
+        assert t.user_attrs["metrics"]["size_bytes"] == row["size_bytes"]

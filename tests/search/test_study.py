@@ -96,7 +96,40 @@ def test_sizes_are_told_to_optuna_as_log10(tmp_path: Path) -> None:
     assert result["size_bytes"] == 2500.0  # the reported result itself is left alone
     (trial,) = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path)).trials
     assert trial.values == [0.9, pytest.approx(math.log10(2500.0))]
-    assert trial.constraints == {"c0": -0.01}
+    assert trial.constraints == {"0": -0.01}
+
+
+def test_study_carries_names_units_constraints_and_trial_ids(tmp_path: Path) -> None:
+    """What optuna-dashboard shows: named metrics with units, constraints, Tune trial ids."""
+    searcher = ConstrainedOptunaSearch(
+        SpaceFn(_space()),
+        metric=["accuracy", "size_bytes"],
+        mode=["max", "min"],
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        study_name=STUDY_NAME,
+        storage=study_storage(tmp_path),
+        log_metrics=["size_bytes"],
+        constraint_names=["accuracy_drop <= 0.01", "size_bytes <= 3000"],
+    )
+    searcher.suggest("tune_a")
+    searcher.suggest("tune_b")
+    result = {"status": "COMPLETE", "accuracy": 0.9, "size_bytes": 2500.0, "feasible": False}
+    searcher.on_trial_complete("tune_a", {**result, "cv_0": 0.5, "cv_1": -0.2})
+    searcher.on_trial_complete("tune_b", {"status": "FAILED", "accuracy": None})
+    study = optuna.load_study(study_name=STUDY_NAME, storage=study_storage(tmp_path, writer=False))
+    assert study.metric_names == ["accuracy", "size_bytes"]
+    assert study.user_attrs["units"] == {"accuracy": "task score", "size_bytes": "log10(bytes)"}
+    done, failed = study.trials
+    assert done.user_attrs["trial_id"] == "tune_a" and failed.user_attrs["trial_id"] == "tune_b"
+    assert done.system_attrs["constraints"] == [0.5, -0.2]  # the list form the dashboard reads
+    assert done.constraints == {"0": 0.5, "1": -0.2}  # and Optuna's samplers
+    assert done.user_attrs["constraints"] == {
+        "accuracy_drop <= 0.01": 0.5,
+        "size_bytes <= 3000": -0.2,
+    }
+    assert done.user_attrs["metrics"] == {"accuracy": 0.9, "size_bytes": 2500.0}
+    assert done.user_attrs["feasible"] is False
+    assert done.values == [0.9, pytest.approx(math.log10(2500.0))]
 
 
 def test_metric_scale_is_validated() -> None:
