@@ -151,3 +151,14 @@ def test_not_a_transformers_model_or_not_tokenized_data_is_refused() -> None:
         Task.from_hf(torch.nn.Linear(2, 2), {}, {}, {})
     with pytest.raises(AutocompressError, match="not tokenized data"):
         Task.from_hf(_bert(), 3, _padded(4, 1), _padded(4, 2))
+
+
+def test_docs_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first python snippet of docs/huggingface.md runs as written."""
+    import re
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "huggingface.md"
+    code = re.search(r"```python\n(.*?)```", doc.read_text(), re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, str(doc), "exec"), {"__name__": "docs_recipe"})
+    assert (tmp_path / "bert-artifact" / "manifest.json").exists()
