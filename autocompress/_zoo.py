@@ -217,18 +217,25 @@ class DepthwiseCNN(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+
+        def separable(cin: int, cout: int) -> list[nn.Module]:
+            return [
+                nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.ReLU(),
+                nn.Conv2d(cin, cout, 1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(),
+            ]
+
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1, groups=16),
-            nn.BatchNorm2d(16),
-            nn.ReLU(),
-            nn.Conv2d(16, 32, 1),
+            nn.Conv2d(3, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
             nn.ReLU(),
+            *separable(32, 64),
+            *separable(64, 128),
         )
-        self.head = nn.Linear(32, CLASSES)
+        self.head = nn.Linear(128, CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(2, 3)))
