@@ -290,3 +290,32 @@ def test_low_rank_keeps_hf_forward_working(kind: str) -> None:
     out = run(small, x)
     assert out.shape == run(model, x).shape and torch.isfinite(out).all()
     assert small.get_submodule(reads).weight.shape == model.get_submodule(reads).weight.shape
+
+
+def _padded(n: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 13, (n,), generator=g)
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 100, (n, 12), generator=g) * mask
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids[:, 0] % 3}
+
+
+def test_bert_half_width_low_rank_fine_tune_export_load(tmp_path) -> None:
+    from autocompress import FinetuneSettings, LayerPlan, Plan, Task, compress, export, load
+
+    bert, _ = build("bert")
+    task = Task.from_hf(bert, _padded(48, 0), _padded(16, 1), _padded(16, 2))
+    wo = "bert.encoder.layer.0.output.dense"
+    plan = Plan(
+        layers={wo: LayerPlan(bits=8, rank_ratio=0.5)},
+        width=0.5,
+        finetune=FinetuneSettings(epochs=1, batch_size=16),
+    )
+    small = compress.apply(bert, plan, task)
+    assert isinstance(small, type(bert)) and small.config.num_attention_heads == 2
+    assert small.get_submodule(wo).weight.shape == (HIDDEN, FFN // 2)  # LowRank answers .weight
+    art = export(small, plan, tmp_path / "a")
+    again = load(art.path, model=task.build_model(), example_input=task.example_input())
+    x = task.example_input(8)
+    torch.testing.assert_close(run(again, x), run(small, x), atol=0, rtol=0)
+    assert type(again.get_submodule(wo)) is type(small.get_submodule(wo))
