@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from autocompress.compress._finetune import distill, soft_targets
+from autocompress.compress._finetune import distill, soft_targets, streamed_train
 from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import set_quant_records
 from autocompress.compress._quant import (
@@ -69,6 +69,7 @@ def apply(
     deadline: float | None = None,
     device: str | torch.device = "cpu",
     stop: Callable[[int, float], bool] | None = None,
+    teacher_outputs: torch.Tensor | None = None,
 ) -> nn.Module:
     """Compress ``model`` according to ``plan`` and return a new module (input untouched).
 
@@ -80,6 +81,9 @@ def apply(
     (the input model stays where it is); the result is always returned on the CPU.
     ``stop(epochs_run, best_val)`` may end the fine-tune early (see ``distill``); a codebook
     plan stopped that way gets one epoch of centroid fine-tune instead of the rest.
+    ``teacher_outputs`` may pass the teacher's selected outputs on the in-memory train split
+    (``task.predict(teacher, "train")``) when the caller caches them across plans; otherwise
+    they are computed once here and shared by both fine-tunes of a codebook plan.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -107,7 +111,8 @@ def apply(
     ft = plan.finetune
     if task is not None and ft.epochs > 0 and device.type != "cpu":
         student = student.to(device)
-        teacher = copy.deepcopy(teacher).to(device)
+        if teacher_outputs is None or streamed_train(task):  # else the teacher is not run
+            teacher = copy.deepcopy(teacher).to(device)
     if task is None or ft.epochs == 0:
         set_sparsity(student, 1.0)
         return bake(student).eval()
@@ -119,7 +124,7 @@ def apply(
     sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
     set_sparsity(student, 0.0 if ramp_epochs else 1.0)
-    soft = soft_targets(teacher, task)  # once, for both fine-tunes of a codebook plan
+    soft = teacher_outputs if teacher_outputs is not None else soft_targets(teacher, task)
     first = distill(
         student,
         teacher,

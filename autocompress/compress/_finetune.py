@@ -45,6 +45,11 @@ def soft_targets(teacher: nn.Module, task: Task) -> torch.Tensor | None:
     return task.predict(teacher, "train")
 
 
+def streamed_train(task: Task) -> bool:
+    """True when the train split is streamed (the teacher then runs per training batch)."""
+    return full_batch(task.data("train")) is None
+
+
 def distill_loss(
     task: Task,
     out: torch.Tensor,

@@ -230,3 +230,14 @@ def test_old_plan_json_without_new_finetune_keys_loads() -> None:
         FinetuneSettings(accum_steps=0)
     with pytest.raises(PlanError, match="max_seconds"):
         FinetuneSettings(max_seconds=-1.0)
+
+
+def test_cached_teacher_outputs_are_used_as_given(digits_mlp: Task) -> None:
+    teacher = digits_mlp.teacher()
+    plan = Plan.uniform(LAYERS, sparsity=0.5, bits=8, finetune=FinetuneSettings(epochs=1))
+    a = apply(teacher, plan, digits_mlp)
+    soft = digits_mlp.predict(teacher, "train")
+    b = apply(teacher, plan, digits_mlp, teacher_outputs=soft)
+    assert torch.equal(a.fc1.weight, b.fc1.weight)
+    c = apply(teacher, plan, digits_mlp, teacher_outputs=torch.zeros_like(soft))
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)
