@@ -161,7 +161,7 @@ def _skip_reason(module: nn.Module, attr: str, p: nn.Parameter) -> str:
     if "bias" in attr:
         if attr == "bias" and weight_kind(module, "weight") is not None:
             return f"bias of {cls}: kept (stored fp16 when its weight is quantized)"
-        return f"bias {attr!r} of {cls}: kept at full precision"
+        return f"bias {attr!r} of {cls}: kept as is (not quantized)"
     if attr == "weight" and isinstance(module, nn.modules.conv._ConvTransposeNd):
         return f"{cls} weight: transposed convolutions are not supported yet"
     if p.dim() <= 1:

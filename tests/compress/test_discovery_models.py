@@ -351,7 +351,14 @@ def test_uniform_sparsity_and_bits_run_on_hf_models(name: str) -> None:
     assert set(small.state_dict()) == set(model.state_dict())
 
 
-if __name__ == "__main__":
+def test_attach_refuses_tensors_that_are_not_compressible_weights() -> None:
+    with pytest.raises(PlanError, match="not a compressible weight"):
+        attach(LSTMClassifier(), Plan({"lstm.bias_ih_l0": LayerPlan(bits=8)}))
+    with pytest.raises(PlanError, match="does not have"):
+        attach(LSTMClassifier(), Plan({"lstm.weight_ih_l9": LayerPlan(bits=8)}))
+
+
+if __name__ == "__main__":  # the coverage table
     print(
         f"{'model':<14} {'params':>9} {'covered':>9} {'coverage':>9} {'layers':>7} {'skipped':>8}"
     )

@@ -75,3 +75,62 @@ def test_bad_knobs_and_unfactorizable_plan() -> None:
 def test_no_compressible_layers() -> None:
     with pytest.raises(PlanError, match="no compressible layers"):
         CompressionSpace.from_model(nn.Sequential(nn.ReLU()))
+
+
+class _TiedLM(nn.Module):
+    """Embedding and output projection sharing one Parameter (GPT-2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, x):  # pragma: no cover - discovery only
+        return self.out(self.norm(self.emb(x)))
+
+
+def test_tied_parameter_is_one_layer_and_aliases_resolve() -> None:
+    space = CompressionSpace.from_model(_TiedLM(), pin={"out": {"bits": 8}})
+    assert space.layer_names == ["emb"]
+    assert space.layer("out").aliases == ("out",)
+    assert space.pin == {"emb": LayerPlan(bits=8)}  # stored under the layer's own name
+    assert space.describe()[0]["note"].startswith("tied: also out")
+    assert space.total_params == 50 * 8 + 16 and space.covered_params == 400
+    assert abs(space.coverage - 400 / 416) < 1e-12
+    assert set(space.skipped) == {"norm.weight", "norm.bias"}
+    grouped = CompressionSpace.from_model(_TiedLM(), groups=[["emb", "out"]])
+    assert grouped.groups == (("emb",),)
+
+
+def test_conflicting_knobs_on_tied_aliases_are_refused() -> None:
+    space = CompressionSpace.from_model(_TiedLM())
+    ok = Plan({"emb": LayerPlan(bits=4), "out": LayerPlan(bits=4)})
+    assert space.validate(ok) is ok
+    with pytest.raises(PlanError, match="one tied tensor") as e:
+        space.validate(Plan({"emb": LayerPlan(bits=4), "out": LayerPlan(bits=8)}))
+    assert "\n" not in str(e.value)
+
+
+def test_hf_conv1d_is_matched_by_name_without_importing_transformers() -> None:
+    import torch
+
+    class Conv1D(nn.Module):  # same name and module path as transformers.pytorch_utils.Conv1D
+        def __init__(self, nf: int, nx: int) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
+
+    Conv1D.__module__ = "transformers.pytorch_utils"
+    space = CompressionSpace.from_model(nn.Sequential(Conv1D(12, 4)))
+    layer = space.layer("0")
+    assert (layer.kind, layer.axis, layer.factorizable) == ("Conv1D", 1, False)
+    assert "0.bias" in space.skipped
+
+
+def test_rnn_weights_are_parameter_level_layers() -> None:
+    space = CompressionSpace.from_model(nn.GRU(4, 6, num_layers=2, bidirectional=True))
+    assert "weight_ih_l1_reverse" in space.layer_names  # root module: the parameter name
+    assert all(not layer.factorizable for layer in space.layers)
+    assert space.coverage > 0.8 and "bias_hh_l0" in space.skipped
