@@ -58,16 +58,9 @@ def uniform_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0
 
 def kmeans_codebook(values: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
     """``k`` centroids of 1-D ``values`` (linear initialization, as in Deep Compression)."""
-    v = values.detach().flatten()
-    if v.numel() == 0:
-        return torch.zeros(k)
-    c = torch.linspace(float(v.min()), float(v.max()), k)
-    for _ in range(iters):
-        assign = torch.argmin((v[:, None] - c[None, :]).abs(), dim=1)
-        sums = torch.zeros(k).index_add_(0, assign, v)
-        counts = torch.zeros(k).index_add_(0, assign, torch.ones_like(v))
-        c = torch.where(counts > 0, sums / counts.clamp(min=1), c)
-    return c
+    from autocompress.compress._kmeans import kmeans_1d  # by sorting: O(N) memory
+
+    return kmeans_1d(values, k, iters)
 
 
 class MaskWeight(nn.Module):
@@ -129,7 +122,8 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (assign,) = ctx.saved_tensors
-        g = torch.zeros(ctx.k, dtype=grad.dtype).index_add_(0, assign.flatten(), grad.flatten())
+        g = torch.zeros(ctx.k, dtype=grad.dtype, device=grad.device)
+        g.index_add_(0, assign.flatten(), grad.flatten())
         return g, None
 
 
@@ -140,13 +134,15 @@ class CodebookWeight(MaskWeight):
         super().__init__(mask, 0.0)
         nz = w.detach()[mask.bool()]
         k = 2**bits - 1
-        cents = kmeans_codebook(nz, k) if nz.numel() else torch.zeros(k)
+        cents = kmeans_codebook(nz, k) if nz.numel() else torch.zeros(k, device=w.device)
         self.centroids = nn.Parameter(cents)
-        assign = torch.argmin((w.detach().reshape(-1, 1) - cents[None, :]).abs(), dim=1) + 1
+        from autocompress.compress._kmeans import nearest
+
+        assign = nearest(w.detach().reshape(-1), cents) + 1
         self.register_buffer("assign", (assign.reshape(w.shape) * mask.long()))
 
     def table(self) -> torch.Tensor:
-        return torch.cat([torch.zeros(1), self.centroids])
+        return torch.cat([self.centroids.new_zeros(1), self.centroids])
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return _Gather.apply(self.table(), self.assign) * self.mask
