@@ -123,3 +123,47 @@ def test_bad_plans_fail_before_training(digits_mlp: Task) -> None:
         )
     with pytest.raises(PlanError, match="unknown layer"):
         compress.apply(digits_mlp.teacher(), Plan({"fc7": LayerPlan(bits=4)}), digits_mlp)
+
+
+class _DictModel(nn.Module):
+    """Keyword inputs with a padding mask, a dict output: the shape of a Hugging Face model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.fc = nn.Linear(16, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        h = self.embed(input_ids) * attention_mask[..., None]
+        pooled = h.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1)
+        return {"logits": self.head(torch.relu(self.fc(pooled))), "pooled": pooled}
+
+
+def test_dict_batches_from_a_dataloader_round_trip(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from autocompress.tasks import DictDataset
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (96, 9), generator=g)
+    mask = (torch.arange(9)[None] < torch.randint(2, 10, (96, 1), generator=g)).long()
+    rows = {"input_ids": ids * mask, "attention_mask": mask, "labels": ids[:, 0] % 3}
+    train = DataLoader(DictDataset(rows), batch_size=16, shuffle=True)
+    model = _DictModel().eval()
+    task = Task.from_module(model, train, rows, rows, eval_batch_size=32)
+    plan = Plan(
+        {
+            "embed": LayerPlan(sparsity=0.5, bits=4),
+            "fc": LayerPlan(bits=8, rank_ratio=0.5),
+            "head": LayerPlan(bits=8),
+        },
+        finetune=SHORT,
+    )
+    small = compress.apply(model, plan, task)
+    art = export(small, plan, tmp_path / "dict")
+    again = load(art.path, model=_DictModel(), example_input=task.example_input())
+    x = task.example_input(32)
+    with torch.no_grad():
+        assert torch.equal(small(**x)["logits"], again(**x)["logits"])
+    assert task.evaluate(again, "test") == task.evaluate(small, "test")
