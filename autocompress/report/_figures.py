@@ -69,6 +69,8 @@ def _points(
     fig: go.Figure, view: RunView, rows: pd.DataFrame, x: str, name: str, **kw: Any
 ) -> None:
     rows = rows[np.isfinite(pd.to_numeric(rows[x], errors="coerce"))]
+    if not len(rows):  # no empty legend entries
+        return
     data, tmpl = _hover(view, rows, kw.pop("label", "trial"))
     fig.add_trace(
         go.Scatter(

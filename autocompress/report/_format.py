@@ -102,6 +102,8 @@ def fmt_metric(name: str, v: Any) -> str:
         ('14,040', '13.3x')
         >>> fmt_metric("latency_ms", 0.41234), fmt_metric("speedup", 1.5)
         ('0.4123 ms', '1.50x')
+        >>> fmt_metric("duration_s", 0.90451)
+        '0.9045'
     """
     base = name.removeprefix("test_").removeprefix("val_")
     f = _finite(v)
@@ -113,7 +115,7 @@ def fmt_metric(name: str, v: Any) -> str:
         return f"{100 * f:.2f}%"
     if base.endswith("_bytes") or base in ("params", "macs", "bitops"):
         return fmt_bytes(f)
-    if "ratio" in base or base.startswith("speedup"):
+    if base.endswith("ratio") or base.startswith("speedup"):
         return fmt_ratio(f)
     if base.startswith("latency_ms"):
         return f"{fmt_num(f)} ms"

@@ -47,7 +47,8 @@ table{border-collapse:collapse;width:100%;font-size:13.5px;background:#fff}
 th,td{padding:6px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
 th{background:#f0f3f8;font-weight:600;position:sticky;top:0;cursor:pointer;white-space:nowrap}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.plan{font-family:ui-monospace,Menlo,monospace;font-size:12.5px}
+td.plan{font-family:ui-monospace,Menlo,monospace;font-size:12.5px;min-width:220px}
+td.plan span{white-space:nowrap}
 tr.infeasible td{color:#8a5a5a}tr.FAILED td,tr.STOPPED td{color:var(--bad)}
 .scroll{max-height:560px;overflow:auto;border:1px solid var(--line);border-radius:10px}
 details summary{cursor:pointer;font-weight:600;margin:8px 0}
@@ -57,11 +58,12 @@ details summary{cursor:pointer;font-weight:600;margin:8px 0}
 
 # Click a column header to sort its table (numbers by their data-v value).
 _SORT_JS = """
-document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventListener('click',
- () => { const tb = th.closest('table').tBodies[0], rows = [...tb.rows];
+document.querySelectorAll('table.sortable th').forEach(th => th.addEventListener('click',
+ () => { const i = th.cellIndex, tb = th.closest('table').tBodies[0], rows = [...tb.rows];
   const dir = th.dataset.dir = th.dataset.dir === 'asc' ? 'desc' : 'asc';
   const key = r => { const c = r.cells[i], v = c.dataset.v;
-   return v !== undefined ? parseFloat(v) : c.textContent; };
+   return v !== undefined ? parseFloat(v)
+   : c.classList.contains('n') ? Infinity : c.textContent; };
   rows.sort((a, b) => { const x = key(a), y = key(b);
    const o = typeof x === 'number' ? x - y : String(x).localeCompare(String(y));
    return dir === 'asc' ? o : -o; });
@@ -71,6 +73,11 @@ document.querySelectorAll('table.sortable th').forEach((th, i) => th.addEventLis
 
 def _esc(x: object) -> str:
     return html.escape(str(x))
+
+
+def _plan_cell(plan_json: object) -> str:
+    """A plan summary that wraps between layers, never inside one."""
+    return " · ".join(f"<span>{_esc(t)}</span>" for t in plan_summary(plan_json).split(" · "))
 
 
 def _cell(name: str, value: object) -> str:
@@ -97,7 +104,7 @@ def _table(
         for col, _title in columns:
             v = r.get(col, "")
             if col == "plan_json":
-                cells.append(f'<td class="plan">{_esc(plan_summary(v))}</td>')
+                cells.append(f'<td class="plan">{_plan_cell(v)}</td>')
             elif col == "feasible":
                 cells.append(f"<td>{'yes' if bool(v) else 'no'}</td>")
             elif col in ("trial_id", "status"):
@@ -182,7 +189,7 @@ def _failures(view: RunView) -> str:
     by_reason = f["reason"].fillna("").astype(str).str.strip().str.split("\n").str[-1]
     rows = "".join(
         f"<tr class='{_esc(r['status'])}'><td>{_esc(r['trial_id'])}</td><td>{_esc(r['status'])}"
-        f"</td><td class='plan'>{_esc(plan_summary(r.get('plan_json')))}</td>"
+        f"</td><td class='plan'>{_plan_cell(r.get('plan_json'))}</td>"
         f"<td><details><summary class='reason'>{_esc(short[:160])}</summary>"
         f"<div class='reason'>{_esc(r['reason'])}</div></details></td></tr>"
         for (_, r), short in zip(f.iterrows(), by_reason, strict=True)
