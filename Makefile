@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-quick lint format clean
+.PHONY: demo test test-slow bench bench-quick lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The long suites that back promises (driver kill/resume matrix, memory, disk full): `-m slow`
+# replaces the default `-m 'not slow'`; -rfE names every failure and error in the summary.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow -rfE
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
