@@ -39,6 +39,7 @@ _QKVO: tuple[tuple[str, str, str, str], ...] = (
     ("q_lin", "k_lin", "v_lin", "out_lin"),
     ("q", "k", "v", "o"),
     ("query", "key", "value", "../output.dense"),
+    ("query", "key", "value", "dense"),
 )
 # (up layers, down layer) of a feed-forward pair, relative to their common parent.
 _FFN: tuple[tuple[tuple[str, ...], str], ...] = (
@@ -50,6 +51,7 @@ _FFN: tuple[tuple[tuple[str, ...], str], ...] = (
     (("lin1",), "lin2"),
     (("c_fc",), "c_proj"),
     (("dense_h_to_4h",), "dense_4h_to_h"),
+    (("ffn",), "ffn_output"),
     (("intermediate.dense",), "output.dense"),
 )
 _FFN_CONFIG_KEYS = ("intermediate_size", "d_ff", "hidden_dim", "n_inner", "ffn_dim")
@@ -88,6 +90,17 @@ class Structure:
 
     attention: list[Attention] = field(default_factory=list)
     ffn: list[FeedForward] = field(default_factory=list)
+    #: attention-like modules whose q/k/v/o layout is not understood: ``(name, class name)``
+    unknown: list[tuple[str, str]] = field(default_factory=list)
+    #: attention modules left whole because ``ignored`` names them
+    ignored: list[str] = field(default_factory=list)
+    #: feed-forward pairs left whole because ``ignored`` names one of their layers
+    ignored_ffn: list[str] = field(default_factory=list)
+
+    @property
+    def is_transformer(self) -> bool:
+        """Whether the model has attention blocks (understood, ignored or not)."""
+        return bool(self.attention or self.unknown or self.ignored)
 
 
 def _is_conv1d(m: nn.Module) -> bool:
@@ -193,10 +206,11 @@ def _attention(model: nn.Module, name: str, m: nn.Module) -> Attention | None:
 def find_structure(model: nn.Module, ignored: set[str] = frozenset()) -> Structure:
     """Attention blocks and feed-forward pairs of ``model``, found by their layer names.
 
-    Raises :class:`PlanError` naming a module that declares a head count (``num_heads``,
-    ``num_attention_heads``, ...) but whose projections are not understood, so such a model is
-    never cut silently across heads. ``nn.MultiheadAttention`` is not listed (torch-pruning's
-    path keeps it whole).
+    A module that looks like attention (declares ``num_heads``/``head_dim``-like attributes or
+    has q/k/v layers) but whose projections are not understood is listed in ``unknown``, so its
+    heads are never cut blindly. ``nn.MultiheadAttention`` is not listed (torch-pruning's path
+    keeps it whole). Raises :class:`PlanError` naming an attention whose q/k/v/o sizes do not
+    split into heads.
 
     Example:
         >>> from transformers import BertConfig, BertModel
@@ -209,20 +223,25 @@ def find_structure(model: nn.Module, ignored: set[str] = frozenset()) -> Structu
     found = Structure()
     claimed: set[int] = set()
     for name, m in model.named_modules():
-        if not name or isinstance(m, nn.MultiheadAttention) or name in ignored:
+        if not name or isinstance(m, nn.MultiheadAttention):
+            continue
+        if name in ignored:
+            if _looks_like_attention(m):
+                found.ignored.append(name)
             continue
         site = _attention(model, name, m)
         if site is not None:
             found.attention.append(site)
             claimed.update(id(x) for x in (site.q, *site.kv, site.o))
             continue
-        if _own_heads(m) is not None and any(_is_proj(c) for c in m.children()):
-            if any(a.name.startswith(f"{name}.") for a in found.attention):
-                continue
-            raise PlanError(
-                f"attention {name!r} ({type(m).__name__}) has heads but no known q/k/v "
-                "layout: list it in `ignored` or use width=1.0"
-            )
+        if _looks_like_attention(m):
+            found.unknown.append((name, type(m).__name__))
+    # a parent holding understood attention blocks is not itself unknown
+    found.unknown = [
+        (n, k)
+        for n, k in found.unknown
+        if not any(a.name.startswith(f"{n}.") for a in found.attention)
+    ]
     for name, _ in model.named_modules():
         for ups_n, down_n in _FFN:
             ups = [_get(model, name, u) for u in ups_n]
@@ -237,11 +256,24 @@ def find_structure(model: nn.Module, ignored: set[str] = frozenset()) -> Structu
                 continue  # not a hidden -> channels -> hidden pair
             fqn = [f"{name}.{u}" if name else u for u in (*ups_n, down_n)]
             if any(f in ignored for f in fqn):
-                continue
+                found.ignored_ffn.append(name)
+                break
             found.ffn.append(FeedForward(name, ups, down, d_in))
             claimed.update(id(x) for x in (*ups, down))
             break
     return found
+
+
+def _looks_like_attention(m: nn.Module) -> bool:
+    """Declares a head count or head size or has q/k/v children, owns projections, and is not
+    (a parent of) ``nn.MultiheadAttention``, which torch-pruning's path keeps whole."""
+    if not any(_is_proj(c) for c in m.children()):
+        return False
+    if any(isinstance(c, nn.MultiheadAttention) for c in m.modules()):
+        return False
+    qkv = any(all(_is_proj(getattr(m, n, None)) for n in names[:3]) for names in _QKVO)
+    head_dim = any(isinstance(getattr(m, a, None), int) for a in _HEAD_DIM_ATTRS)
+    return qkv or head_dim or _own_heads(m) is not None
 
 
 def kept(count: int, fraction: float) -> int:
@@ -360,7 +392,7 @@ def _update_config(
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return
-    if len(old_new) == 1:
+    if len(old_new) == 1 and not s.ignored and not s.unknown:
         (h, kv, h2, kv2), hd = next(iter(old_new)), s.attention[0].head_dim
         hidden = getattr(cfg, "hidden_size", None)
         if getattr(cfg, "head_dim", None) is None and isinstance(hidden, int):
@@ -372,7 +404,7 @@ def _update_config(
             if getattr(cfg, key, None) == h:
                 setattr(cfg, key, h2)
     sizes = {(f.channels, _dims(f.down)[0]) for f in s.ffn}
-    if ffn < 1.0 and len(sizes) == 1:
+    if ffn < 1.0 and len(sizes) == 1 and not s.ignored_ffn:
         old, new = next(iter(sizes))
         for key in _FFN_CONFIG_KEYS:
             if getattr(cfg, key, None) == old:

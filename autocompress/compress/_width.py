@@ -107,10 +107,16 @@ def shrink_width(
     requires_grad = {n: p.requires_grad for n, p in new.named_parameters()}
     new.eval()  # batch statistics and dropout play no part in the graph
     structure = find_structure(new, set(ignored))
+    if structure.unknown and heads < 1.0:
+        name, kind = structure.unknown[0]
+        raise PlanError(
+            f"attention {name!r} ({kind}) has no known q/k/v/o layout, so its heads cannot be "
+            "cut: use heads=1.0 (feed-forward layers only) or width=1.0"
+        )
     try:
         with torch.no_grad():
             ref = _shapes(call_model(new, example_input))
-        if structure.attention:
+        if structure.is_transformer:
             shrink_structure(new, structure, heads=heads, ffn=width)
         elif width < 1.0:
             for p in new.parameters():

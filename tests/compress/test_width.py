@@ -293,3 +293,29 @@ def test_dict_and_tuple_example_inputs() -> None:
     for example in ({"x": x, "scale": s}, (x, s)):
         small = shrink_width(Keywords(), 0.5, example)
         assert (small.fc.out_features, small.out.out_features) == (10, 3)
+
+
+def test_a_block_declaring_heads_around_multihead_attention_still_shrinks() -> None:
+    class HeadsBlock(Block):
+        def __init__(self) -> None:
+            super().__init__()
+            self.num_heads = 4  # bookkeeping next to nn.MultiheadAttention, not a layout
+
+    model = nn.Sequential(nn.Linear(8, 32), HeadsBlock(), nn.Linear(32, 3))
+    small = shrink_width(model, 0.5, torch.randn(2, 5, 8))
+    assert (small[1].ff1.out_features, small[1].attn.embed_dim) == (32, 32)
+
+
+def test_q_k_v_layers_without_an_output_projection_are_refused() -> None:
+    class NoOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2), -1)
+            return a @ self.v(x)
+
+    model = nn.Sequential(nn.Linear(8, 16), NoOut(), nn.Linear(16, 3))
+    with pytest.raises(PlanError, match=r"attention '1' \(NoOut\)"):
+        shrink_width(model, 0.5, torch.randn(2, 5, 8))

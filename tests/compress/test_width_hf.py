@@ -249,6 +249,7 @@ def test_ignored_attention_keeps_its_heads() -> None:
     small = shrink_width(model, 0.5, x, ignored=[name])
     assert small.get_submodule(name).query.out_features == HIDDEN
     assert small.bert.encoder.layer[1].attention.self.query.out_features == HIDDEN // 2
+    assert small.config.num_attention_heads == HEADS  # the layers disagree: config untouched
 
 
 class OddAttention(nn.Module):
@@ -265,10 +266,46 @@ class OddAttention(nn.Module):
         return self.out(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
 
 
+class OddBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = OddAttention()
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
 def test_unknown_attention_layout_is_refused_by_name() -> None:
-    model = nn.Sequential(nn.Linear(8, 16), OddAttention(), nn.Linear(16, 3))
-    with pytest.raises(PlanError, match=r"attention '1' \(OddAttention\)"):
+    model = nn.Sequential(nn.Linear(8, 16), OddBlock(), nn.Linear(16, 3))
+    with pytest.raises(PlanError, match=r"attention '1.attn' \(OddAttention\).*heads=1.0"):
         shrink_width(model, 0.5, torch.randn(2, 5, 8))
+    small = shrink_width(model, 0.5, torch.randn(2, 5, 8), heads=1.0)  # feed-forward only
+    assert (small[1].attn.mix.out_features, small[1].fc1.out_features, small[0].out_features) == (
+        48,
+        16,
+        16,
+    )
+
+
+def test_gpt_neox_packed_heads_are_refused_but_its_ffn_shrinks() -> None:
+    cfg = T.GPTNeoXConfig(
+        vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+        intermediate_size=FFN,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = T.GPTNeoXForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(1, 100, (2, 7))}
+    with pytest.raises(PlanError, match="'gpt_neox.layers.0.attention' \\(GPTNeoXAttention\\)"):
+        shrink_width(model, 0.5, x)
+    small = shrink_width(model, 0.5, x, heads=1.0)
+    layer = small.gpt_neox.layers[0]
+    assert (layer.mlp.dense_h_to_4h.out_features, layer.attention.query_key_value.out_features) == (
+        FFN // 2,
+        3 * HIDDEN,
+    )
+    assert small.config.intermediate_size == FFN // 2 and small.config.num_attention_heads == HEADS
 
 
 def test_bad_heads_fraction() -> None:
