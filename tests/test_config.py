@@ -161,3 +161,11 @@ def test_build_errors_name_the_section() -> None:
         )
     with pytest.raises(ConfigError, match=r"^x.yaml: task: unknown task"):
         build(parse_experiment({"task": "digits-mpl"}), "x.yaml")
+
+
+def test_config_constants_match_the_spaces() -> None:
+    """config.py keeps its own copies (importing the spaces would import torch)."""
+    from autocompress import config
+    from autocompress.spaces import ALLOWED_BITS, SCHEMES
+
+    assert config.ALLOWED_BITS == ALLOWED_BITS and config.SCHEMES == SCHEMES

@@ -298,3 +298,75 @@ def test_cli_prints_error_messages_verbatim(tmp_path: Path, value: str) -> None:
 def test_zz_fuzz_tally(tally) -> None:
     """Runs last in this module: adds the fuzzed examples to the session's figures."""
     tally["bad inputs tried"] += tally_fuzz["n"]
+
+
+USER_MODULE = """
+from pathlib import Path
+
+def make_task():
+    Path(__file__).with_name("make_task_ran").write_text("a teacher would be trained")
+    raise RuntimeError("make_task must not run")
+"""
+
+
+def test_load_never_runs_a_user_task(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tally
+) -> None:
+    """``load(path)`` of a ``module:function`` artifact refuses instead of calling make_task
+    (which may train a teacher); a built-in task only rebuilds its untrained architecture."""
+    import torch
+
+    from autocompress.artifacts import export, load
+    from autocompress.errors import ArtifactError
+    from autocompress.tasks import Task, get_task
+
+    (tmp_path / "user_task_load.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    plain = export(net, Plan(), tmp_path / "plain", task_spec="user_task_load:make_task")
+    with pytest.raises(ArtifactError) as e:
+        load(plain.path)
+    assert "pass model=" in str(e.value) and "\n" not in str(e.value)
+    assert torch.equal(load(plain.path, model=net)[0].weight, net[0].weight)
+    narrow = Plan.uniform(["0", "2"], width=0.5)
+    from autocompress.compress import restructure
+
+    small = restructure(net, narrow, torch.randn(3, 4))
+    art = export(small, narrow, tmp_path / "narrow", task_spec="user_task_load:make_task")
+    with pytest.raises(ArtifactError, match="pass example_input="):
+        load(art.path, model=net)
+    assert load(art.path, model=net, example_input=torch.randn(3, 4))[0].out_features == 4
+    assert not (tmp_path / "make_task_ran").exists()
+
+    def no_teacher(self: Task) -> None:
+        raise AssertionError("load() trained a teacher")
+
+    monkeypatch.setattr(Task, "teacher", no_teacher)
+    builtin = get_task("digits-mlp").build_model()
+    art = export(builtin, Plan(), tmp_path / "builtin", task_spec="digits-mlp")
+    assert load(art.path).fc1.in_features == builtin.fc1.in_features  # build_model only
+    tally["bad inputs tried"] += 2
+
+
+def test_new_one_line_messages(tmp_path: Path, tally) -> None:
+    from autocompress.objectives import Metric, Objective
+    from autocompress.search import SearchResult
+
+    def per_sample(outputs, targets):  # a Task metric's signature, not an objective metric's
+        return 0.0
+
+    for make in (
+        lambda: Metric("m", "maximize", per_sample),
+        lambda: Objective(["accuracy", Metric("m", "max", lambda model: 0.0)]),
+        lambda: Metric("m", "max", lambda m, a, t: 0.0, details=lambda m: {}),
+    ):
+        with pytest.raises(ConfigError) as e:
+            make()
+        msg = str(e.value)
+        assert "cannot be called as" in msg and "(model, artifact, task" in msg and "\n" not in msg
+    with pytest.raises(ConfigError, match=r"per_sample\(outputs, targets\)"):
+        Metric("m", "maximize", per_sample)
+    with pytest.raises(Exception, match="does not exist: check the path") as e:
+        SearchResult.load(tmp_path / "missing")
+    assert "resume" not in str(e.value)
+    tally["bad inputs tried"] += 4
