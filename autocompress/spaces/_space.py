@@ -97,6 +97,10 @@ class CompressionSpace:
     skipped: Mapping[str, str] = field(default_factory=dict)
     total_params: int = 0
 
+    def __post_init__(self) -> None:
+        self._canon = _canonical_names(self.layers)
+        self._by_name = {layer.name: layer for layer in self.layers}
+
     @classmethod
     def from_model(
         cls,
@@ -171,8 +175,7 @@ class CompressionSpace:
 
     def layer(self, name: str) -> LayerInfo:
         """The layer called ``name`` (or one of its aliases)."""
-        canonical = _canon(_canonical_names(self.layers), name, "plan")
-        return next(layer for layer in self.layers if layer.name == canonical)
+        return self._by_name[_canon(self._canon, name, "plan")]
 
     def free_groups(self) -> dict[str, tuple[str, ...]]:
         """Searchable units: ``{key: layer names}``; a tied group's key is its first layer."""
@@ -196,11 +199,10 @@ class CompressionSpace:
 
         Aliases of one tied layer must carry equal knobs (one tensor has one set of knobs).
         """
-        canon = _canonical_names(self.layers)
         given: dict[str, tuple[str, LayerPlan]] = {}
         for n, lp in plan.layers.items():
             self._check_layer_plan(n, lp)
-            c = canon[n]
+            c = self._canon[n]
             if c in given and given[c][1] != lp:
                 raise PlanError(
                     f"layers {given[c][0]!r} and {n!r} are one tied tensor but the plan gives "
