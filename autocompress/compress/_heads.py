@@ -309,7 +309,7 @@ def shrink_structure(model: nn.Module, s: Structure, heads: float, ffn: float) -
             for u in f.ups:
                 _keep_out(u, idx)
             _keep_in(f.down, idx)
-            _set_equal(f.down, ("intermediate_size",), f.channels, len(idx))
+            _set_equal(model.get_submodule(f.name), _FFN_CONFIG_KEYS, f.channels, len(idx))
     _update_config(model, s, old_new, ffn)
 
 

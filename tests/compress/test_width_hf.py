@@ -232,6 +232,8 @@ def test_gqa_keeps_every_kv_head() -> None:
         32,
     )
     assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 2)
+    assert small.model.layers[0].mlp.intermediate_size == FFN  # heads only
+    assert shrink_width(model, 0.5, x).model.layers[1].mlp.intermediate_size == FFN // 2
     assert small.config.head_dim == 16
 
 
