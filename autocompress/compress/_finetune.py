@@ -4,7 +4,9 @@ The loop a practitioner would write: batches streamed from the task's data (a se
 in-memory data, DataLoaders as given), teacher outputs computed once per call on in-memory data
 and per batch under ``no_grad`` for streamed data, autocast on CUDA (bf16 where supported, else
 fp16 with a gradient scaler), gradient accumulation, a step and a time budget, and no host sync
-per step: the loss is summed on the device and checked for finiteness once per epoch.
+per step: the loss is summed on the device and checked for finiteness once per epoch, host rows
+reach the GPU through pinned memory. (Only the fp16 fallback syncs per step: the gradient
+scaler reads its inf check; bf16 needs no scaler.)
 """
 
 from __future__ import annotations
@@ -96,6 +98,17 @@ def _amp(device: torch.device, enabled: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def _pinned_to(obj: Any, device: torch.device) -> Any:
+    """``to_device`` through page-locked host memory (an asynchronous host-to-device copy)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.pin_memory().to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: _pinned_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return type(obj)(_pinned_to(v, device) for v in obj)
+    return obj
+
+
 def _batches(
     task: Task,
     teacher: nn.Module,
@@ -110,12 +123,15 @@ def _batches(
     if full is not None and soft is not None:
         inputs, targets = split_batch(full, task.label_key)
         perm = torch.randperm(len(soft), generator=gen)
+        # CUDA: rows gathered on the host go through pinned memory, so the copy to the device
+        # is asynchronous (no host sync per step), as DataLoader(pin_memory=True) does
+        move = _pinned_to if device.type == "cuda" else to_device
         for i in range(0, len(perm), batch_size):
             idx = perm[i : i + batch_size]
             yield (
-                to_device(select(inputs, idx), device),
-                to_device(select(targets, idx), device) if targets is not None else None,
-                soft[idx].to(device, non_blocking=True),
+                move(select(inputs, idx), device),
+                move(select(targets, idx), device) if targets is not None else None,
+                move(soft[idx], device),
             )
         return
     for inputs, targets in task.batches("train", batch_size, shuffle=True, generator=gen):
