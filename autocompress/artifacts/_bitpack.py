@@ -3,7 +3,8 @@
 Bit order is little-endian throughout: code ``i`` occupies stream bits ``[i*bits, (i+1)*bits)``
 with its least significant bit first, and stream bit ``j`` is bit ``j % 8`` (LSB first) of byte
 ``j // 8``. The last byte is zero-padded. For ``bits`` in {8, 16, 32, 64} the stream is exactly the
-little-endian array bytes (a fast path with the same result).
+little-endian array bytes, and for ``bits`` <= 8 groups of 8 codes are assembled in one uint64
+word each (fast paths with the same result as the generic bit-matrix path).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ def pack(codes: np.ndarray, bits: int) -> bytes:
     codes = np.ascontiguousarray(codes).reshape(-1)
     if codes.dtype.kind not in "ui":
         raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
-    if codes.size and codes.min() < 0:
+    if codes.size and int(codes.min()) < 0:
         raise ValueError("codes must be non-negative")
-    codes = codes.astype(np.uint64, copy=False)
     if bits < 64 and codes.size and int(codes.max()) >> bits:
         raise ValueError(f"a code does not fit in {bits} bits")
     if bits in _WHOLE_BYTES:
-        return codes.astype(f"<u{bits // 8}").tobytes()
+        return codes.astype(f"<u{bits // 8}", copy=False).tobytes()
+    if bits < 8:
+        return _pack_small(codes, bits)
     width = _container(bits)
     small = codes.astype(f"<u{width // 8}")
     as_bits = np.unpackbits(small.view(np.uint8).reshape(-1, width // 8), axis=1, bitorder="little")
@@ -71,8 +73,39 @@ def unpack(data: bytes | memoryview, bits: int, n: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     if bits in _WHOLE_BYTES:
         return raw.view(f"<u{bits // 8}").astype(native)
+    if bits < 8:
+        return _unpack_small(raw, bits, n)
     as_bits = np.unpackbits(raw, count=n * bits, bitorder="little").reshape(n, bits)
     padded = np.zeros((n, width), dtype=np.uint8)
     padded[:, :bits] = as_bits
     packed = np.packbits(padded, axis=1, bitorder="little")
     return packed.reshape(-1).view(f"<u{width // 8}").astype(native)
+
+
+def _pack_small(codes: np.ndarray, bits: int) -> bytes:
+    """``bits`` < 8: code ``i`` of each group of 8 goes to bits ``[i*bits, (i+1)*bits)`` of one
+    little-endian uint64, whose first ``bits`` bytes are the group's stream bytes."""
+    n = codes.size
+    groups = -(-n // 8)
+    padded = np.zeros(groups * 8, dtype=np.uint8)
+    padded[:n] = codes
+    cols = padded.reshape(groups, 8)
+    word = cols[:, 0].astype(np.uint64)
+    for i in range(1, 8):
+        word |= cols[:, i].astype(np.uint64) << np.uint64(i * bits)
+    out = word.astype("<u8").view(np.uint8).reshape(groups, 8)[:, :bits]
+    return out.tobytes()[: packed_size(n, bits)]
+
+
+def _unpack_small(raw: np.ndarray, bits: int, n: int) -> np.ndarray:
+    groups = -(-n // 8)
+    buf = np.zeros((groups, 8), dtype=np.uint8)
+    flat = np.zeros(groups * bits, dtype=np.uint8)
+    flat[: raw.size] = raw
+    buf[:, :bits] = flat.reshape(groups, bits)
+    word = buf.view("<u8").reshape(groups)
+    mask = np.uint64((1 << bits) - 1)
+    out = np.empty((groups, 8), dtype=np.uint8)
+    for i in range(8):
+        out[:, i] = (word >> np.uint64(i * bits)) & mask
+    return out.reshape(-1)[:n]

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.artifacts._format import describe, encode_state
+from autocompress.artifacts._format import describe, encode_state, parse_weights
 from autocompress.artifacts._io import (
     DEPLOY_FILES,
     MANIFEST,
@@ -215,7 +215,8 @@ def artifact_size(path: str | os.PathLike[str]) -> int:
 
 
 def inspect_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Verified summary of an artifact: size, files, task and per-tensor encodings and bytes."""
+    """Verified summary of an artifact: size, files, task, per-tensor encodings and bytes, and
+    ``aliases`` (``{tied key: stored key}``, tensors stored once)."""
     p = Path(path)
     m, data = read_verified(p)
     return {
@@ -224,4 +225,5 @@ def inspect_artifact(path: str | os.PathLike[str]) -> dict[str, Any]:
         "task_spec": m["task_spec"],
         "files": {n: i["bytes"] for n, i in m["files"].items()},
         "tensors": describe(data[WEIGHTS]),
+        "aliases": parse_weights(data[WEIGHTS])[1],
     }

@@ -100,6 +100,11 @@ def _bit_patterns(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.uint8).numpy().view(f"<u{t.element_size()}")
 
 
+def _fp16_exact_head(t: torch.Tensor) -> bool:
+    head = t.detach().reshape(-1)[:4096]
+    return torch.equal(head.half().float(), head)
+
+
 def to_codes(name: str, t: torch.Tensor, rec: QuantRecord | None) -> Coded:
     """Codes of state-dict tensor ``t`` (named ``name``) under its quantization record ``rec``."""
     if rec is None:
@@ -108,9 +113,10 @@ def to_codes(name: str, t: torch.Tensor, rec: QuantRecord | None) -> Coded:
             if kind not in RAW_DTYPES:
                 raise ArtifactError(f"{name!r} has unsupported dtype {t.dtype}: cast it to float32")
             return Coded(kind, _bit_patterns(t), kind_bits(kind) or 0, b"")
-        half = t.detach().to(torch.float16)
-        if torch.equal(half.float(), t.detach()):
-            return Coded("f16", _bit_patterns(half), 16, b"")
+        if _fp16_exact_head(t):  # a quick look first: random fp32 weights fail at once
+            half = t.detach().to(torch.float16)
+            if torch.equal(half.float(), t.detach()):
+                return Coded("f16", _bit_patterns(half), 16, b"")
         return Coded("f32", _bit_patterns(t), 32, b"")
     if t.dtype != torch.float32:
         raise _not_baked(name, f"has dtype {t.dtype} but a quant record (expected float32)")

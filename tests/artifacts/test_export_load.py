@@ -144,7 +144,7 @@ def test_weights_file_is_standard_safetensors(tmp_path: Path) -> None:
     with safe_open(art.path / "weights.safetensors", framework="numpy") as f:
         assert list(f.keys()) == ["blob"]
         meta = f.metadata()
-        assert meta["format"] == "autocompress-weights/1"
+        assert meta["format"] == "autocompress-weights/2"
         assert meta["layout"].startswith("fc1.weight 20,12 u4 ")
         assert f.get_tensor("blob").dtype.name == "uint8"
 
@@ -358,6 +358,7 @@ def test_load_from_task_and_structural_plan(tmp_path: Path, monkeypatch) -> None
     task = types.SimpleNamespace(build_model=lambda: MLP(), example_input=lambda: example)
     fake_tasks = types.ModuleType("autocompress.tasks")
     fake_tasks.get_task = lambda spec: task if spec == "fake-task" else None
+    fake_tasks.task_names = lambda: ["fake-task"]
     monkeypatch.setitem(sys.modules, "autocompress.tasks", fake_tasks)
     import autocompress.compress as cc
 
