@@ -52,6 +52,21 @@ def _main(
     run), compress (one plan), tasks and inspect (what can be compressed). See
     docs/user-guide.md.
     """
+    _cwd_importable()
+
+
+def _cwd_importable() -> None:
+    """``module:function`` tasks and metrics in the working directory are importable, as with
+    ``python -m`` (the ``autocompress`` script alone would not see them); ``run`` also adds the
+    experiment file's directory (``config.importable``)."""
+    import os
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    env = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if cwd not in env:
+        os.environ["PYTHONPATH"] = os.pathsep.join([cwd, *env])
 
 
 @app.command()

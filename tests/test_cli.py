@@ -302,3 +302,7 @@ def test_specs_import_from_the_yaml_folder_and_the_working_directory(
     monkeypatch.chdir(cwd)
     task, _, _ = build(load_experiment(elsewhere), str(elsewhere))
     assert task.spec == "user_task_cwd:make_task"
+    _user_experiment(tmp_path / "inspect", "user_task_inspect")
+    monkeypatch.chdir(tmp_path / "inspect")  # every command sees the working directory
+    res = runner.invoke(app, ["inspect", "user_task_inspect:make_task"])
+    assert res.exit_code == 0 and "fc1" in res.output, res.output
