@@ -3,7 +3,8 @@
 Optuna's ``JournalFileBackend`` locks (creates and deletes a lock file) and fsyncs on every
 append, about ten times per trial (each suggested parameter, constraint and result is a record):
 20-30 ms per trial on a loaded 2-core machine. The driver is the one process that writes a run's
-study, so :class:`DriverJournal` appends without the lock and without an fsync per record; a
+study (a second driver on the same run directory is refused: ``_checks.RunLock``), so
+:class:`DriverJournal` appends without the lock and without an fsync per record; a
 record handed to the OS survives a killed driver, and :func:`sync_journal` fsyncs the file when
 the search ends (a power loss can drop the last records, which a resume rebuilds from the trial
 records). Readers (``SearchResult.study()``, optuna-dashboard) use Optuna's own backend.
