@@ -58,7 +58,11 @@ def _hover(view: RunView, rows: pd.DataFrame, label: str) -> tuple[np.ndarray, s
         [np.asarray(c if isinstance(c, pd.Series) else [c] * len(rows)) for c in cols]
     )
     lines = [f"<b>{label} %{{customdata[0]}}</b>", "ratio %{customdata[1]}"]
-    lines += [f"{metric_label(n)}: %{{customdata[{i + 2}]}}" for i, n in enumerate(names)]
+    val = (view.metric, f"{view.metric}_drop")  # the others are not measured per split
+    lines += [
+        f"{'val ' if n in val else ''}{metric_label(n)}: %{{customdata[{i + 2}]}}"
+        for i, n in enumerate(names)
+    ]
     if test in rows:
         lines.append(f"test {view.metric}: %{{customdata[{len(names) + 2}]}}")
     lines.append(f"%{{customdata[{len(names) + 3}]}}")

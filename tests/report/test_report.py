@@ -54,7 +54,7 @@ def test_hover_names_trial_ratio_metrics_and_plan(fake_run: Path) -> None:
     for i, value in enumerate(row):
         label = label.replace(f"%{{customdata[{i}]}}", str(value))
     assert row[0] in label and re.search(r"ratio [\d.]+x", label)
-    assert re.search(r"accuracy: \d\d\.\d\d%", label) and "test accuracy: " in label
+    assert re.search(r"val accuracy: \d\d\.\d\d%", label) and "test accuracy: " in label
     assert "layers" in label or "fc1" in label  # the plan summary
 
 
