@@ -35,7 +35,7 @@ from torch import nn
 
 from autocompress.compress._meta import QuantRecord, quant_records
 from autocompress.deploy._deps import onnxruntime
-from autocompress.deploy._export import set_form
+from autocompress.deploy._export import set_form, set_meta
 
 _LINEAR_OPS = ("MatMul", "Gemm")
 
@@ -81,7 +81,8 @@ def _low_bit_weights(model: nn.Module) -> list[_Weight]:
     out = []
     for name, rec in quant_records(model).items():
         if int8_eligible(rec) and name in params and rec.scale is not None:
-            w = params[name].detach().cpu().numpy()
+            # channels on dim 0 (HF Conv1D stores its weight (in, out): rec.axis == 1)
+            w = np.moveaxis(params[name].detach().cpu().numpy(), rec.axis, 0)
             scale = rec.scale.detach().cpu().numpy().astype(np.float64)
             amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1)
             out.append(_Weight(w, _unit_rows(w), np.round(amax / scale), scale))
@@ -190,4 +191,8 @@ def int8_form(proto: onnx.ModelProto, model: nn.Module) -> onnx.ModelProto | Non
     ``proto`` is the fp32 export of ``model`` (:func:`export_fp32`); node names may be filled in.
     """
     nodes = targets(proto, model)
-    return set_form(_quantize(proto, nodes), "int8") if nodes else None
+    if not nodes:
+        return None
+    q = _quantize(proto, nodes)
+    set_meta(q, {p.key: p.value for p in proto.metadata_props})  # input/output forms
+    return set_form(q, "int8")

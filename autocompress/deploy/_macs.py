@@ -2,15 +2,23 @@
 
 One forward pass with hooks records, per layer, the MACs of its weight product:
 
-* ``Linear``: ``positions * in * out`` (``positions`` = output elements / ``out``).
+* ``Linear`` and Hugging Face ``Conv1D`` (GPT-2): ``positions * in * out`` (``positions`` =
+  output elements / ``out``).
 * ``Conv1d/2d/3d``: ``output positions * out * in/groups * prod(kernel)``; transposed convs
   count per input position.
 * ``MultiheadAttention``: the q, k, v and output projections plus the two attention products
   (``N * L * S * E`` each; activation x activation, so never sparse and never int8).
+* ``RNN``/``LSTM``/``GRU``: per layer and direction, ``steps * batch`` times each of its
+  ``weight_ih``, ``weight_hh`` (and ``weight_hr``) matrices (gates included in their rows).
 * ``Embedding``: 0 (a table lookup, no multiplications).
 
+Activation x activation products inside other attention implementations (Hugging Face
+attention modules, ``scaled_dot_product_attention``) are not counted: ``macs`` is the cost of
+the weights, which is what compression changes.
+
 With ``sparse=True`` a weight product counts only nonzero weights (what a sparse kernel would
-do). Counts are for the whole ``example_input`` batch: pass a batch of one for per-example cost.
+do). Counts are for the whole ``example_input`` batch (a tensor, a tuple or a dict of tensors,
+as the model is called): pass a batch of one for per-example cost.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch import nn
 from autocompress.compress._meta import quant_records
 from autocompress.deploy._export import eval_mode
 from autocompress.deploy._int8 import int8_eligible
+from autocompress.tasks._batch import Inputs, call_model
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -73,9 +82,27 @@ def _mha(name: str, m: nn.MultiheadAttention, args: tuple, kwargs: dict, sparse:
     return out
 
 
-def products(
-    model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...], sparse: bool = False
-) -> list[Product]:
+def _is_conv1d(m: nn.Module) -> bool:
+    """Hugging Face ``Conv1D`` (a Linear with an ``(in, out)`` weight), without importing it."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+
+
+def _rnn(name: str, m: nn.RNNBase, inputs: tuple, sparse: bool) -> list[Product]:
+    x = inputs[0]
+    if isinstance(x, nn.utils.rnn.PackedSequence):
+        positions = int(x.data.shape[0])  # every (step, sequence) pair actually run
+    elif x.dim() == 2:
+        positions = int(x.shape[0])  # unbatched (L, H_in)
+    else:
+        positions = int(x.shape[0] * x.shape[1])
+    out = []
+    for p, w in m.named_parameters(recurse=False):
+        if p.startswith("weight_"):
+            out.append(Product(name, f"{name}.{p}", positions * _count(w, sparse)))
+    return out
+
+
+def products(model: nn.Module, example_input: Inputs, sparse: bool = False) -> list[Product]:
     """Every weight (and attention) product of one forward pass on ``example_input``.
 
     Example:
@@ -94,9 +121,11 @@ def products(
             w = mod.weight
             if isinstance(mod, _CONV_T):
                 positions = inputs[0].numel() // mod.in_channels
+            elif _is_conv1d(mod):
+                positions = output.numel() // mod.nf
             else:
                 positions = output.numel() // w.shape[0]
-            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
+            kind = "linear" if isinstance(mod, nn.Linear) or _is_conv1d(mod) else "conv"
             found.append(Product(name, f"{name}.weight", positions * _count(w, sparse), kind))
 
         return hook
@@ -112,18 +141,23 @@ def products(
             continue  # MHA reads its out_proj weight directly; counted by the MHA hook
         if isinstance(m, nn.MultiheadAttention):
             hooks.append(m.register_forward_hook(attention(name), with_kwargs=True))
-        elif isinstance(m, (nn.Linear, *_CONV, *_CONV_T)):
+        elif isinstance(m, (nn.Linear, *_CONV, *_CONV_T)) or _is_conv1d(m):
             hooks.append(m.register_forward_hook(linear_like(name)))
+        elif isinstance(m, nn.RNNBase):
+            hooks.append(
+                m.register_forward_hook(
+                    lambda mod, inputs, _, n=name: found.extend(_rnn(n, mod, inputs, sparse))
+                )
+            )
         elif isinstance(m, nn.Embedding):  # a lookup: listed with 0 MACs
             hooks.append(
                 m.register_forward_hook(
                     lambda *_, n=name: found.append(Product(n, None, 0, "lookup"))
                 )
             )
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     try:
         with eval_mode(model), torch.no_grad():
-            model(*args)
+            call_model(model, example_input)
     finally:
         for h in hooks:
             h.remove()
@@ -132,7 +166,7 @@ def products(
 
 def macs(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: Inputs,
     *,
     sparse: bool = False,
 ) -> int:
@@ -150,7 +184,7 @@ def macs(
 
 def bitops(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: Inputs,
     *,
     sparse: bool = False,
     int8: bool = True,

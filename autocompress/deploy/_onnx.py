@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -15,49 +14,80 @@ from autocompress.deploy._export import export_fp32
 from autocompress.deploy._int8 import int8_form
 from autocompress.deploy._latency import measure_latency
 from autocompress.deploy._runtime import OnnxModel
+from autocompress.deploy._signature import tile_rows
 from autocompress.errors import AutocompressError
+from autocompress.tasks._batch import Inputs, batch_len
 
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 INT8_CHOICES = ("auto", True, False)
 # An int8 form must beat fp32 by this factor to be chosen: on a tie, keep the exact fp32 form.
 _MARGIN = 0.95
 
 
 def tile_batch(example: Inputs, batch: int) -> Inputs:
-    """A batch of ``batch`` rows made by repeating the rows of ``example`` (each, for a tuple).
+    """A batch of ``batch`` rows made by repeating the rows of ``example`` (each tensor of a
+    tuple or dict whose first axis is the batch; other entries are kept as they are).
 
     Example:
         >>> tile_batch(torch.arange(3.0).reshape(3, 1), 5).flatten().tolist()
         [0.0, 1.0, 2.0, 0.0, 1.0]
+        >>> ids = torch.tensor([[1, 2], [3, 4]])
+        >>> tile_batch({"input_ids": ids, "attention_mask": ids > 0}, 3)["input_ids"].tolist()
+        [[1, 2], [3, 4], [1, 2]]
     """
     if not (isinstance(batch, int) and batch >= 1):
         raise AutocompressError(f"batch size {batch!r} must be an integer >= 1")
-    if isinstance(example, tuple):
-        return tuple(tile_batch(e, batch) for e in example)
-    reps = math.ceil(batch / len(example))
-    return example.detach().cpu().repeat(reps, *([1] * (example.dim() - 1)))[:batch].contiguous()
+    n = batch_len(example)
+
+    def tile(v: Any) -> Any:
+        batched = isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == n
+        return tile_rows(v, batch) if batched else v
+
+    if isinstance(example, torch.Tensor):
+        return tile(example)
+    if isinstance(example, Mapping):
+        return {k: tile(v) for k, v in example.items()}
+    return tuple(tile(v) for v in example)
 
 
-def as_numpy(x: Inputs) -> np.ndarray | tuple[np.ndarray, ...]:
-    """``x`` (a tensor or a tuple of them) as numpy array(s)."""
-    return tuple(t.numpy() for t in x) if isinstance(x, tuple) else x.numpy()
+def as_numpy(x: Inputs) -> Any:
+    """``x`` (a tensor, or a tuple or dict of them) with every tensor as a numpy array."""
+
+    def arr(v: Any) -> Any:
+        return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v
+
+    if isinstance(x, Mapping):
+        return {k: arr(v) for k, v in x.items()}
+    return tuple(arr(t) for t in x) if isinstance(x, tuple) else arr(x)
 
 
 def runner(model: OnnxModel):
-    """``fn(inputs)`` calling ``model.run_numpy`` with one array or a tuple of arrays."""
+    """``fn(inputs)`` calling ``model.run_numpy`` with one array, a tuple or a dict of arrays."""
     run = model.run_numpy
-    return lambda x: run(*x) if isinstance(x, tuple) else run(x)
+
+    def call(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return run(**x)
+        return run(*x) if isinstance(x, tuple) else run(x)
+
+    return call
 
 
-def deploy_forms(model: nn.Module, example_input: Inputs, int8: bool = True) -> dict[str, bytes]:
+def deploy_forms(
+    model: nn.Module,
+    example_input: Inputs,
+    int8: bool = True,
+    *,
+    output: str | int | None = None,
+) -> dict[str, bytes]:
     """Serialized ONNX forms of ``model``: ``fp32`` always, ``int8`` if asked for and it applies
-    (some Linear-type layer has uniform <= 8-bit weights).
+    (some Linear-type layer has uniform <= 8-bit weights). ``example_input`` and ``output``: see
+    :func:`~autocompress.deploy.export_fp32`.
 
     Example:
         >>> sorted(deploy_forms(nn.Linear(4, 3), torch.randn(2, 4)))
         ['fp32']
     """
-    fp32 = export_fp32(model, example_input)
+    fp32 = export_fp32(model, example_input, output=output)
     out = {"fp32": fp32.SerializeToString()}
     q = int8_form(fp32, model) if int8 else None
     if q is not None:
@@ -67,7 +97,7 @@ def deploy_forms(model: nn.Module, example_input: Inputs, int8: bool = True) -> 
 
 def fastest_form(
     forms: Mapping[str, bytes | OnnxModel],
-    inputs: np.ndarray | tuple[np.ndarray, ...],
+    inputs: Any,
     threads: int = 1,
     repeats: int = 7,
 ) -> str:
@@ -96,6 +126,7 @@ def to_onnx(
     int8: str | bool = "auto",
     batch_size: int = 256,
     threads: int = 1,
+    output: str | int | None = None,
 ) -> Path:
     """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
 
@@ -107,13 +138,19 @@ def to_onnx(
 
     Args:
         model: the (compressed) torch model; it is not modified.
-        example_input: a batch of real inputs (any batch size; used for tracing and timing).
+        example_input: a batch of real inputs (any batch size; used for tracing and timing): a
+            tensor, a tuple or a dict of tensors (Hugging Face ``input_ids``,
+            ``attention_mask`` ...; the ONNX inputs are named after the keys, and token inputs
+            get a dynamic sequence axis).
         path: the ``.onnx`` file to write (atomically: temporary file, then rename).
         int8: ``"auto"`` writes the int8 form if it runs >5% faster than fp32 at ``batch_size``
             with ``threads`` threads, else fp32; ``True`` the int8 form (fp32 when it does not
             apply); ``False`` always fp32.
         batch_size: the batch size ``"auto"`` optimizes for.
         threads: ONNX Runtime threads ``"auto"`` times with.
+        output: which output the graph returns when the model answers with a dict,
+            ``ModelOutput`` or tuple (a field name or index; default ``logits``, else
+            ``last_hidden_state``, else the first tensor; a tensor or flat tuple whole).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
@@ -130,7 +167,9 @@ def to_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise AutocompressError(f"directory {str(path.parent)!r} does not exist: create it first")
-    data = onnx_form(model, example_input, int8=int8, batch_size=batch_size, threads=threads)
+    data = onnx_form(
+        model, example_input, int8=int8, batch_size=batch_size, threads=threads, output=output
+    )
     atomic_write(path, data)
     return path
 
@@ -142,6 +181,7 @@ def onnx_form(
     int8: str | bool = "auto",
     batch_size: int = 256,
     threads: int = 1,
+    output: str | int | None = None,
 ) -> bytes:
     """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
 
@@ -152,7 +192,7 @@ def onnx_form(
     """
     if int8 not in INT8_CHOICES or (isinstance(int8, str) and int8 != "auto"):
         raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
-    forms = deploy_forms(model, example_input, int8=bool(int8))
+    forms = deploy_forms(model, example_input, int8=bool(int8), output=output)
     if int8 == "auto":
         x = as_numpy(tile_batch(example_input, batch_size))
         form = fastest_form(forms, x, threads=threads)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from autocompress.deploy._deps import onnxruntime
-from autocompress.deploy._export import FORM_KEY
+from autocompress.deploy._export import FORM_INPUTS, FORM_KEY, FORM_OUTPUT
 from autocompress.errors import ArtifactError, AutocompressError
 
 _DTYPES = {
@@ -41,9 +43,13 @@ def session_options(threads: int):
 class OnnxModel:
     """A callable ``input -> torch.Tensor`` backed by an ``onnxruntime.InferenceSession``.
 
-    Accepts numpy arrays or torch tensors (one per graph input); returns a torch tensor (a tuple
-    for several outputs). It has ``eval()``/``training`` so ``Task.evaluate`` can score it like an
-    ``nn.Module``; it cannot be trained.
+    Called like the torch model it was exported from: numpy arrays or torch tensors positionally
+    (one per graph input) or by keyword (``om(**batch)`` with ``input_ids``, ``attention_mask``
+    ...; integer ids stay int64; non-array keywords such as ``use_cache=False`` are ignored).
+    Returns a torch tensor (a tuple for several outputs), or ``{field: tensor}`` when the torch
+    model answered with a dict or ``ModelOutput`` (the exported field, e.g. ``logits``). It has
+    ``eval()``/``training`` so ``Task.evaluate`` can score it like an ``nn.Module``; it cannot be
+    trained.
 
     Args:
         model: path of an ``.onnx`` file, or its bytes.
@@ -91,27 +97,53 @@ class OnnxModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         meta = self.session.get_modelmeta().custom_metadata_map
         self.form = meta.get(FORM_KEY, "unknown")
+        # The export's input names (an input the model ignores may be absent from the graph).
+        self.input_names = json.loads(meta[FORM_INPUTS]) if FORM_INPUTS in meta else None
+        self.input_names = self.input_names or [n for n, _ in self.inputs]
+        self.output_form = meta.get(FORM_OUTPUT, "tensor")
 
-    def _feed(self, xs: tuple) -> dict[str, np.ndarray]:
-        if len(xs) != len(self.inputs):
+    def _feed(self, xs: tuple, kw: dict[str, Any]) -> dict[str, np.ndarray]:
+        if xs and kw:
             raise AutocompressError(
-                f"the ONNX model takes {len(self.inputs)} input(s), got {len(xs)}: pass one "
-                "array or tensor per graph input"
+                "pass the ONNX model's inputs positionally or by name, not both"
             )
+        if kw:
+            arrays = {k: v for k, v in kw.items() if isinstance(v, torch.Tensor | np.ndarray)}
+            unknown = sorted(set(arrays) - set(self.input_names))
+            if unknown:
+                raise AutocompressError(
+                    f"the ONNX model has no input {unknown[0]!r}: its inputs are {self.input_names}"
+                )
+        else:
+            if len(xs) != len(self.input_names):
+                raise AutocompressError(
+                    f"the ONNX model takes {len(self.input_names)} input(s) "
+                    f"{self.input_names}, got {len(xs)}: pass one array or tensor per input"
+                )
+            arrays = dict(zip(self.input_names, xs, strict=True))
         feed = {}
-        for (name, dtype), x in zip(self.inputs, xs, strict=True):
+        for name, dtype in self.inputs:
+            if name not in arrays:
+                raise AutocompressError(
+                    f"the ONNX model needs input {name!r}: pass it (inputs: {self.input_names})"
+                )
+            x = arrays[name]
             a = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
             if dtype is not None and a.dtype != dtype:
                 a = a.astype(dtype)
             feed[name] = np.ascontiguousarray(a)
         return feed
 
-    def run_numpy(self, *xs: np.ndarray) -> list[np.ndarray]:
+    def run_numpy(self, *xs: np.ndarray, **kw: Any) -> list[np.ndarray]:
         """The raw ONNX Runtime outputs for numpy inputs (what latency measurement times)."""
-        return self.session.run(self.output_names, self._feed(xs))
+        return self.session.run(self.output_names, self._feed(xs, kw))
 
-    def __call__(self, *xs: torch.Tensor | np.ndarray) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        outs = [torch.from_numpy(o) for o in self.run_numpy(*xs)]
+    def __call__(
+        self, *xs: torch.Tensor | np.ndarray, **kw: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+        outs = [torch.from_numpy(o) for o in self.run_numpy(*xs, **kw)]
+        if self.output_form == "dict":
+            return dict(zip(self.output_names, outs, strict=True))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def eval(self) -> OnnxModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from autocompress.deploy._onnx import (
 )
 from autocompress.deploy._runtime import OnnxModel
 from autocompress.errors import AutocompressError
+from autocompress.tasks._batch import call_model
 
 RUNTIMES = ("onnxruntime", "torch")
 _TEACHERS: OrderedDict[tuple, OnnxModel] = OrderedDict()
@@ -41,18 +42,31 @@ def fingerprint(model: nn.Module, example_input: Inputs) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    for x in example_input if isinstance(example_input, tuple) else (example_input,):
-        h.update(f"{tuple(x.shape[1:])}:{x.dtype}".encode())
+    if isinstance(example_input, Mapping):
+        items = list(example_input.items())
+    elif isinstance(example_input, tuple):
+        items = list(enumerate(example_input))
+    else:
+        items = [(0, example_input)]
+    for k, x in items:
+        sig = f"{tuple(x.shape[1:])}:{x.dtype}" if isinstance(x, torch.Tensor) else repr(x)
+        h.update(f"{k}={sig};".encode())
     return h.hexdigest()
 
 
-def teacher_onnx(teacher: nn.Module, example_input: Inputs, threads: int = 1) -> OnnxModel:
+def teacher_onnx(
+    teacher: nn.Module,
+    example_input: Inputs,
+    threads: int = 1,
+    output: str | int | None = None,
+) -> OnnxModel:
     """The dense teacher's fp32 ONNX session, exported once per process (cached by content)."""
-    key = (fingerprint(teacher, example_input), threads)
+    key = (fingerprint(teacher, example_input), threads, output)
     if key in _TEACHERS:
         _TEACHERS.move_to_end(key)
         return _TEACHERS[key]
-    om = OnnxModel(deploy_forms(teacher, example_input, int8=False)["fp32"], threads=threads)
+    forms = deploy_forms(teacher, example_input, int8=False, output=output)
+    om = OnnxModel(forms["fp32"], threads=threads)
     _TEACHERS[key] = om
     while len(_TEACHERS) > _MAX_TEACHERS:
         _TEACHERS.popitem(last=False)
@@ -60,7 +74,7 @@ def teacher_onnx(teacher: nn.Module, example_input: Inputs, threads: int = 1) ->
 
 
 def _call(model: nn.Module):
-    return lambda x: model(*x) if isinstance(x, tuple) else model(x)
+    return lambda x: call_model(model, x)
 
 
 def _summary(out: dict[str, float], b: int, model: LatencyStats, teacher: LatencyStats) -> None:
@@ -87,6 +101,7 @@ def latency_and_speedup(
     warmup: int = 3,
     repeats: int = 25,
     max_seconds: float | None = None,
+    output: str | int | None = None,
 ) -> dict[str, float]:
     """Latency of ``model`` and its speedup over the dense ``teacher``, per batch size.
 
@@ -101,11 +116,13 @@ def latency_and_speedup(
     Args:
         model: the compressed model (or its loaded ONNX form).
         teacher: the uncompressed model it is compared with.
-        example_batch: real inputs; rows are repeated to make each batch size.
+        example_batch: real inputs (a tensor, a tuple or a dict of tensors); rows are
+            repeated to make each batch size.
         batch_sizes: batch sizes to measure.
         runtime: ``"onnxruntime"`` or ``"torch"``.
         threads: threads of both runtimes during the measurement.
         int8, warmup, repeats, max_seconds: see :func:`to_onnx` and :func:`measure_latency`.
+        output: the output the ONNX graphs return (see :func:`to_onnx`).
 
     Returns:
         Floats keyed ``<name>@<batch>``: ``latency_ms``, ``latency_iqr_ms``, ``latency_cv``,
@@ -140,11 +157,11 @@ def latency_and_speedup(
                 stats = measure_latency(cands, x, **settings)
                 _summary(out, b, stats["model"], stats["teacher"])
         return out
-    ref = teacher_onnx(teacher, example_batch, threads)
+    ref = teacher_onnx(teacher, example_batch, threads, output)
     if isinstance(model, OnnxModel):
         forms = {model.form: model}
     else:
-        raw = deploy_forms(model, example_batch, int8=bool(int8))
+        raw = deploy_forms(model, example_batch, int8=bool(int8), output=output)
         forms = {k: OnnxModel(v, threads=threads) for k, v in raw.items()}
     for b in batch_sizes:
         x = as_numpy(tile_batch(example_batch, b))

@@ -142,7 +142,13 @@ def _entry(model: Any) -> _Deployed:
 
 
 def _example(task: Task) -> Any:
+    """Real validation rows: a tensor, a tuple or a dict of tensors (Hugging Face batches)."""
     return task.example_input(EXAMPLE_ROWS)
+
+
+def _output(task: Task) -> str | int | None:
+    """The model output the task scores (``Task.output``): the one the ONNX graph returns."""
+    return getattr(task, "output", None)
 
 
 def _forms(entry: _Deployed, model: nn.Module, task: Task, who: str) -> dict[str, bytes]:
@@ -151,7 +157,7 @@ def _forms(entry: _Deployed, model: nn.Module, task: Task, who: str) -> dict[str
 
     if entry.forms is None and entry.error is None:
         try:
-            entry.forms = deploy_forms(model, _example(task), int8=True)
+            entry.forms = deploy_forms(model, _example(task), int8=True, output=_output(task))
         except AutocompressError as e:
             entry.error = str(e)
     if entry.forms is None:
@@ -201,13 +207,14 @@ def measure(model: Any, task: Task, settings: LatencySettings, who: str = "laten
     if settings in entry.results:
         return entry.results[settings]
     b, threads = settings.batch, settings.threads
-    timing = {
+    timing: dict[str, Any] = {
         "threads": threads,
         "warmup": settings.warmup,
         "repeats": settings.repeats,
         "max_seconds": settings.max_seconds,
     }
     x, teacher = _example(task), task.teacher()
+    timing["output"] = _output(task)
     if settings.runtime == "torch":
         if not isinstance(model, nn.Module):
             raise AutocompressError(f"metric {who!r} runs eager PyTorch: it needs an nn.Module")
