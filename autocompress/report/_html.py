@@ -224,7 +224,7 @@ def _png(path: Path | None) -> str:
 
 def _chart(fig, div_id: str, first: list[bool], png: Path | None = None) -> str:  # noqa: ANN001
     if fig is None:
-        return ""
+        return '<p class="note">Nothing to draw: no trial has these values.</p>'
     out = fig.to_html(
         full_html=False,
         include_plotlyjs=first[0],
