@@ -69,8 +69,8 @@ def distill_loss(
     Example:
         >>> from autocompress.tasks import get_task
         >>> z = torch.randn(4, 10)
-        >>> float(distill_loss(get_task("digits-mlp"), z, z, None, FinetuneSettings()))
-        0.0
+        >>> abs(float(distill_loss(get_task("digits-mlp"), z, z, None, FinetuneSettings()))) < 1e-6
+        True
     """
     out, soft = out.float(), soft.float()
     if task.kind == "embedding":
