@@ -173,11 +173,6 @@ def _skip_reason(module: nn.Module, attr: str, p: nn.Parameter) -> str:
 
 def _not_factorizable(model: nn.Module, name: str, module: nn.Module, can: set[str]) -> str:
     """Why low rank is not offered for a module-level layer ('' if it is)."""
-    if is_hf_conv1d(module):
-        return (
-            "HF Conv1D: its transposed (in, out) weight is read by its own forward; the "
-            "factorizer builds nn.Linear factors, not implemented for it"
-        )
     if isinstance(module, nn.Conv1d | nn.Conv2d) and module.groups != 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} convolution (groups={module.groups}): one SVD per group is not implemented"

@@ -29,6 +29,10 @@ class Knobs:
         rank_step: grid step of rank ratio.
         width: range of the global width multiplier in (0, 1]; ``None`` disables it.
         width_step: grid step of width.
+        heads: range of the fraction of attention heads every transformer attention keeps,
+            in (0, 1], searched separately from ``width`` (which then cuts the feed-forward
+            channels only); ``None``: heads follow ``width``. Sampled on ``width_step``'s grid,
+            and only for models whose attention blocks are understood (``Plan.heads``).
     """
 
     sparsity: tuple[float, float] | None = (0.0, 0.95)
@@ -39,6 +43,7 @@ class Knobs:
     rank_step: float = 0.05
     width: tuple[float, float] | None = None
     width_step: float = 0.05
+    heads: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
@@ -49,13 +54,24 @@ class Knobs:
             raise PlanError(f"knob bits={self.bits!r}: each must be one of {list(ALLOWED_BITS)}")
         if not self.schemes or any(s not in SCHEMES for s in self.schemes):
             raise PlanError(f"knob schemes={self.schemes!r}: each must be one of {list(SCHEMES)}")
-        for name in ("rank_ratio", "width"):
+        for name in ("rank_ratio", "width", "heads"):
             r = getattr(self, name)
             if r is not None and not 0.0 < r[0] <= r[1] <= 1.0:
                 raise PlanError(f"knob {name}={r!r} must satisfy 0 < lo <= hi <= 1")
         for name in ("sparsity_step", "rank_step", "width_step"):
             if not getattr(self, name) > 0:
                 raise PlanError(f"knob {name}={getattr(self, name)!r} must be > 0")
+
+
+def _attention(model: nn.Module, knobs: Knobs) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Understood and not-understood attention blocks, looked for only when width/heads are
+    searched (a layout whose sizes do not split into heads is refused here, before a search)."""
+    if knobs.width is None and knobs.heads is None:
+        return (), ()
+    from autocompress.compress._heads import find_structure
+
+    found = find_structure(model)
+    return tuple(a.name for a in found.attention), tuple(n for n, _ in found.unknown)
 
 
 def _check_names(names: Iterable[str], valid: Sequence[str] | Mapping[str, str], what: str) -> None:
@@ -96,6 +112,10 @@ class CompressionSpace:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     skipped: Mapping[str, str] = field(default_factory=dict)
     total_params: int = 0
+    attention: tuple[str, ...] = ()
+    """Attention blocks whose heads width/heads can cut (``compress._heads.find_structure``)."""
+    unknown_attention: tuple[str, ...] = ()
+    """Attention-like modules whose layout is not understood: their heads are never cut."""
 
     def __post_init__(self) -> None:
         self._canon = _canonical_names(self.layers)
@@ -142,15 +162,19 @@ class CompressionSpace:
                         f"layer {n!r} is in two groups or also excluded/pinned: use it once"
                     )
                 seen.add(n)
+        knobs = knobs or Knobs()
+        attention, unknown = _attention(model, knobs)
         space = cls(
             layers,
-            knobs or Knobs(),
+            knobs,
             exclude_t,
             pins,
             groups_t,
             finetune or FinetuneSettings(),
             found.skipped,
             found.total_params,
+            attention,
+            unknown,
         )
         for n, lp in pins.items():
             space._check_layer_plan(n, lp)
@@ -232,16 +256,22 @@ class CompressionSpace:
             lp = LayerPlan(sparsity=sp, bits=bits, scheme=scheme, rank_ratio=rank)
             for m in members:
                 layers[m] = lp
-        width = 1.0
+        width, heads = 1.0, None
         if self.knobs.width is not None:
             width = round(trial.suggest_float("width", *k.width, step=k.width_step), 6)
-        return Plan(layers=layers, width=width, finetune=self.finetune)
+        if k.heads is not None and self.attention and not self.unknown_attention:
+            heads = round(trial.suggest_float("heads", *k.heads, step=k.width_step), 6)
+        elif self.unknown_attention and width < 1.0:
+            heads = 1.0  # their heads cannot be cut: shrink the feed-forward layers only
+        return Plan(layers=layers, width=width, heads=heads, finetune=self.finetune)
 
     def uniform(self, **knobs: Any) -> Plan:
         """A uniform baseline plan over the non-excluded layers (pins still apply)."""
-        width = knobs.pop("width", 1.0)
+        width, heads = knobs.pop("width", 1.0), knobs.pop("heads", None)
+        if heads is None and self.unknown_attention and width < 1.0:
+            heads = 1.0  # attention this space cannot cut keeps its heads (see suggest)
         names = [n for n in self.layer_names if n not in self.exclude and n not in self.pin]
-        plan = Plan.uniform(names, width=width, finetune=self.finetune, **knobs)
+        plan = Plan.uniform(names, width=width, heads=heads, finetune=self.finetune, **knobs)
         return plan.replace(layers={**plan.layers, **self.pin})
 
     def describe(self) -> list[dict[str, Any]]:

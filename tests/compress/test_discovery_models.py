@@ -204,7 +204,7 @@ def test_gpt2_conv1d_is_discovered_with_its_output_axis() -> None:
     space = CompressionSpace.from_model(build("gpt2"))
     c_attn = space.layer("transformer.h.0.attn.c_attn")
     assert (c_attn.kind, c_attn.shape, c_attn.axis) == ("Conv1D", (64, 192), 1)
-    assert not c_attn.factorizable and "Conv1D" in c_attn.note
+    assert c_attn.factorizable  # factorized into two Linears (compress._lowrank)
     assert "transformer.h.0.ln_1.weight" in space.skipped
     assert "transformer.wpe" in space.layer_names  # learned positions are an nn.Embedding
 
