@@ -162,3 +162,29 @@ def test_docs_recipe_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(doc), "exec"), {"__name__": "docs_recipe"})
     assert (tmp_path / "bert-artifact" / "manifest.json").exists()
+
+
+def test_dict_of_lists_and_indexable_rows_are_padded_like_a_collator() -> None:
+    """A tokenizer's BatchEncoding without return_tensors, and a datasets.Dataset-like table."""
+    rows = _examples(6, 0)
+
+    class Table:  # what datasets.Dataset offers: len() and row dicts by index, not a list
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict:
+            return rows[i]
+
+    enc = transformers.BatchEncoding(
+        {"input_ids": [r["input_ids"] for r in rows], "labels": [r["label"] for r in rows]}
+    )
+    model = _bert(pad_token_id=7)
+    task = Task.from_hf(model, enc, Table(), Table())
+    ids = task.data("train").tensors["input_ids"]
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert ids.shape == (6, longest)
+    short = min(range(6), key=lambda i: len(rows[i]["input_ids"]))
+    assert ids[short, -1] == 7  # padded with the config's pad_token_id
+    val = task.data("val").tensors
+    assert sorted(val) == ["attention_mask", "input_ids", "label"]
+    assert val["attention_mask"][short, -1] == 0
