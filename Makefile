@@ -21,7 +21,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# The long suites that back promises (driver kill/resume matrix, memory, disk full): `-m slow`
+# The long suites that back promises (driver kill/resume matrix, memory, disk full, the report in
+# Chromium): `-m slow`
 # replaces the default `-m 'not slow'`; -rfE names every failure and error in the summary.
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -rfE

@@ -1,7 +1,8 @@
 """The report of a real small search, opened in headless Chromium: what a user sees.
 
 Chromium is Debian's ``chromium`` package (CI installs it: ``.ci/run``); Playwright drives it
-through ``executable_path`` (no browser download). Skipped only when Chromium is absent.
+through ``executable_path`` (no browser download). Skipped only when Chromium is absent. Run it
+with ``make test-slow`` or ``pytest -m slow tests/report``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="chromium is not installed: `apt-get install -y chromium` (CI installs it in .ci/run)",
-)
+# slow: a real search (Ray, 8 trials) before the browser opens; it backs the promise that the
+# report works in a browser, so CI runs it (`make test-slow`).
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="chromium is not installed: apt-get install -y chromium (CI installs it: .ci/run)",
+    ),
+]
 
 
 def fragile(model, artifact, task) -> float:
