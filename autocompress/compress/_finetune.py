@@ -4,7 +4,8 @@ The loop a practitioner would write: batches streamed from the task's data (a se
 in-memory data, DataLoaders as given), teacher outputs computed once per call on in-memory data
 and per batch under ``no_grad`` for streamed data, autocast on CUDA (bf16 where supported, else
 fp16 with a gradient scaler), gradient accumulation, a step and a time budget, and no host sync
-per step: the loss is summed on the device and checked for finiteness once per epoch, host rows
+per step: the loss is summed on the device and checked for finiteness once per epoch and every
+``CHECK_EVERY`` batches, host rows
 reach the GPU through pinned memory. (Only the fp16 fallback syncs per step: the gradient
 scaler reads its inf check; bf16 needs no scaler.)
 """
@@ -34,9 +35,17 @@ from autocompress.tasks._batch import (
 from autocompress.tasks._data import full_batch
 from autocompress.tasks._train import Snapshot, task_loss
 
+#: Mini-batches between two reads of the summed loss (one host sync each, and at epoch end).
+CHECK_EVERY = 200
+
 
 class FinetuneDiverged(RuntimeError):
     """The fine-tune loss became NaN or infinite."""
+
+
+def _check_finite(loss_sum: torch.Tensor) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise FinetuneDiverged(f"fine-tune loss became {float(loss_sum)}")
 
 
 def soft_targets(teacher: nn.Module, task: Task) -> torch.Tensor | None:
@@ -223,6 +232,8 @@ def distill(
             loss_sum += loss.detach()
             scaler.scale(loss / accum if accum > 1 else loss).backward()
             micro += 1
+            if micro % CHECK_EVERY == 0:
+                _check_finite(loss_sum)
             if micro % accum == 0:
                 scaler.step(opt)
                 scaler.update()
@@ -238,8 +249,7 @@ def distill(
             scaler.update()
             opt.zero_grad(set_to_none=True)
             steps += 1
-        if not bool(torch.isfinite(loss_sum)):  # one host sync per epoch
-            raise FinetuneDiverged(f"fine-tune loss became {float(loss_sum)}")
+        _check_finite(loss_sum)
         sched.step()
         epochs += 1
         out_of_budget = out_of_budget or (deadline is not None and time.monotonic() > deadline)
