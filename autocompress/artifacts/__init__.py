@@ -3,13 +3,15 @@
 ``export(model, plan, path)`` writes one directory:
 
 * ``weights.safetensors``: a valid safetensors file with ONE uint8 tensor ``blob`` holding every
-  state-dict tensor's stream, and ``__metadata__`` = ``{"format": "autocompress-weights/1",
-  "layout": ...}`` (one short text entry per tensor: name, shape, kind, encoding, codec, bytes).
-  Quantized weights are stored as integer codes (bit-packed, little-endian bit order) plus fp16
-  per-channel scales or an fp16 codebook; other tensors as fp16 when that is exact, else fp32.
-  Each tensor takes the smallest of dense / bitmask / relative-index (Deep Compression, gap width
-  1..8 bits, filler entries for long gaps) encodings, each optionally raw-deflate or raw-LZMA2
-  compressed.
+  stored tensor's stream, and ``__metadata__`` = ``{"format": "autocompress-weights/2",
+  "layout": ...}`` (one short text entry per tensor: name, shape, kind, encoding, codec, bytes;
+  or ``name = target`` for a tied tensor, stored once). Quantized weights are stored as integer
+  codes (bit-packed, little-endian bit order) plus fp16 per-channel scales or an fp16 codebook;
+  other tensors as fp16 when that is exact, else fp32. Each tensor takes the smallest of dense /
+  byte-plane / bitmask / relative-index (Deep Compression, gap width 1..8 bits, filler entries for
+  long gaps) encodings, chosen from counts without building the others, then zstd-compressed
+  when that shrinks it (small models also try LZMA2). Format-1 artifacts (deflate, no aliases)
+  still load.
 * ``plan.json``: the plan (``Plan.to_json()``).
 * ``model.onnx`` (optional, with ``export(..., onnx_example=batch)``): the ONNX Runtime
   deployment form (fp32, or int8 where that is faster), listed and hashed in the manifest but
@@ -21,7 +23,8 @@
 
 ``size_bytes`` is the on-disk byte count of weights + plan + manifest. ``load(path)`` verifies
 everything before parsing, rebuilds the architecture (from ``model=`` or the task) and returns a
-model whose weights are bit-identical to the exported ones (signed zeros become +0.0);
+model whose weights are bit-identical to the exported ones (signed zeros become +0.0) and whose
+tied parameters are one ``Parameter`` again;
 ``load(path, runtime="onnxruntime")`` returns the verified ``model.onnx`` as an ONNX Runtime
 session (:class:`~autocompress.deploy.OnnxModel`). No pickle.
 

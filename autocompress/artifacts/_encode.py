@@ -22,8 +22,9 @@ weights format 1 only, raw-deflate compressed (``z``).
 Choosing is cheap: the raw size of every encoding follows from counts (nonzeros, gap statistics)
 without building the streams, so only the smallest is built. Streams of up to ``SMALL`` bytes
 then also try LZMA and high-level zstd on a few close candidates (the search that small
-artifacts' sizes depend on, a few milliseconds each); bigger streams get zstd level 1 only when
-a sample of the stream shrinks with it (random fp32 mantissas never do).
+artifacts' sizes depend on, a few milliseconds each; the exporter does it only for models of at
+most ``SEARCH_NUMEL`` values); other streams get fast zstd, after a sampled check when big
+(random fp32 mantissas never shrink).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ _ENC_RE = re.compile(r"^(d|p|m|r[1-8])$")
 _LZMA_DECODE_FILTERS = [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << 20}]
 SMALL = 64 << 10
 """Streams up to this many bytes try every close candidate with LZMA and zstd level 19."""
+SEARCH_NUMEL = 4_000_000
+"""Models with at most this many state-dict values get the small-stream search (below that the
+search costs well under a second; above it, its few hundred bytes per tensor do not matter)."""
 _SAMPLE = 16 << 10
 _SAMPLES = 16
 _GAIN = 0.97
@@ -236,12 +240,20 @@ def _shrinks(data: bytes) -> bool:
 
 
 def encode_best(
-    codes: np.ndarray, bits: int, aux: bytes = b"", *, sparse: bool = True, entropy: bool = True
+    codes: np.ndarray,
+    bits: int,
+    aux: bytes = b"",
+    *,
+    sparse: bool = True,
+    entropy: bool = True,
+    search: bool = True,
 ) -> Stream:
     """The smallest stream of ``codes`` this module finds (see the module docstring).
 
     The raw stream is always the smallest raw encoding (ties: ``d``, ``m``, ``r1``..``r8``);
-    a compressed stream replaces it only when strictly smaller.
+    a compressed stream replaces it only when strictly smaller. ``search=False`` skips the
+    LZMA / zstd-19 search on small streams (zstd level 1 only): the exporter's choice for big
+    models, where it would cost seconds and save a few hundred bytes.
 
     Example:
         >>> codes = np.zeros(1000, dtype=np.uint8); codes[::97] = 3
@@ -255,7 +267,7 @@ def encode_best(
     best = build(first, codes, bits, aux)
     if not entropy or not best.data:
         return best
-    if sizes[first] <= SMALL:
+    if search and sizes[first] <= SMALL:
         tries = [first] + [e for e in ("d", "m") if e in sizes]
         rel = [e for e in sizes if e.startswith("r")]
         tries += [min(rel, key=lambda e: sizes[e]), "r8"] if rel else []

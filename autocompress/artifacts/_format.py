@@ -39,6 +39,7 @@ import torch
 
 from autocompress.artifacts._encode import (
     CODECS,
+    SEARCH_NUMEL,
     Stream,
     decode,
     encode_best,
@@ -139,6 +140,7 @@ def encode_state(
     aliases = tied_groups(state)
     group_rec = {a: records[a] for a in aliases if a in records}
     stored = [n for n in state if n not in aliases]
+    search = sum(state[n].numel() for n in stored) <= SEARCH_NUMEL
 
     def one(name: str) -> Entry:
         rec = records.get(name)
@@ -146,7 +148,7 @@ def encode_state(
             rec = next((r for a, r in group_rec.items() if aliases[a] == name), None)
         t = state[name]
         coded = to_codes(name, t, rec)
-        stream = encode_best(coded.codes, coded.bits, coded.aux)
+        stream = encode_best(coded.codes, coded.bits, coded.aux, search=search)
         return Entry(name, tuple(t.shape), coded.kind, stream)
 
     by_size = sorted(stored, key=lambda n: -state[n].numel())  # big tensors start first

@@ -189,7 +189,7 @@ def from_codes(
         w = torch.from_numpy(codes.astype("<u2").view("<f2").astype(np.float32)).reshape(shape)
         return w, (QuantRecord(bits=16, scheme="fp16") if kind == "h16" else None)
     if kind == "f32":
-        return torch.from_numpy(codes.astype("<u4").view("<f4")).reshape(shape), None
+        return torch.from_numpy(codes.astype("<u4", copy=False).view("<f4")).reshape(shape), None
     dtype = RAW_DTYPES[kind]
     if dtype == torch.bool:
         return torch.from_numpy(codes.astype(bool)).reshape(shape), None

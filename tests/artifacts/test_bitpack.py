@@ -46,3 +46,12 @@ def test_pack_refuses_out_of_range() -> None:
         pack(np.array([-1]), 8)
     with pytest.raises(ValueError, match="cannot hold"):
         unpack(b"\x00\x00", 4, 1)
+
+
+@pytest.mark.parametrize("bits", range(1, 8))
+def test_small_width_fast_path_matches_the_bit_matrix(bits: int) -> None:
+    codes = np.random.default_rng(bits).integers(0, 2**bits, 1001)
+    as_bits = np.unpackbits(codes.astype(np.uint8)[:, None], axis=1, bitorder="little")
+    reference = np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
+    assert pack(codes, bits) == reference
+    assert np.array_equal(unpack(reference, bits, codes.size), codes)
