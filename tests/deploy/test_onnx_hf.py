@@ -392,3 +392,17 @@ def test_a_model_needing_one_length_is_exported_with_a_fixed_sequence_axis() -> 
 def test_bad_example_input_is_refused() -> None:
     with pytest.raises(AutocompressError, match="example_input must be a batched tensor"):
         export_fp32(nn.Linear(2, 2), {"flag": True})
+
+
+def test_artifact_onnx_form_from_dict_inputs(tmp_path) -> None:
+    """``export(..., onnx_example=batch)`` with a dict batch; ``load(runtime="onnxruntime")``."""
+    from autocompress.artifacts import export, load
+
+    model, example = distilbert()
+    model.eval()
+    art = export(model, Plan(), tmp_path / "a", onnx_example=example)
+    om = load(art.path, runtime="onnxruntime")
+    x = other(example)
+    with torch.no_grad():
+        ref = pick_output(call_model(model, x))
+    assert close(pick_output(om(**x)), ref)

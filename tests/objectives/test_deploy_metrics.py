@@ -238,3 +238,38 @@ def _stub_size(monkeypatch):
         "size_bytes", "minimize", lambda m, a, t: float(a.size_bytes) if a is not None else 0.0
     )
     monkeypatch.setitem(_metric._REGISTRY, "size_bytes", stub)
+
+
+# --- dict batches (Hugging Face style) -----------------------------------------------------------
+class TokenClassifier(nn.Module):
+    """``model(input_ids=..., attention_mask=...)`` -> ``{"logits": ..., "hidden": ...}``."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, width)
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        m = attention_mask.unsqueeze(-1).to(torch.float32)
+        hidden = (self.emb(input_ids) * m).sum(1) / m.sum(1).clamp(min=1)
+        return {"hidden": hidden, "logits": self.head(hidden)}
+
+
+def test_deployment_metrics_on_dict_batches() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (40, 7))
+    mask = torch.ones_like(ids)
+    mask[::3, -2:] = 0
+    data = {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 4, (40,))}
+    task = Task.from_module(TokenClassifier(256).eval(), data, data, data)
+    model = TokenClassifier(16).eval()
+    assert isinstance(task.example_input(), dict)
+    vals = Objective(["macs", "bitops", latency_metric(batch=8, **QUICK), "onnx_bytes"]).evaluate(
+        model, None, task
+    )
+    assert vals["macs"] == 16 * 4  # the head (the embedding is a lookup), per example
+    assert vals["bitops"] == 16 * 4 * 32 * 32
+    assert vals["latency_ms_b8"] > 0 and vals["speedup_b8"] > 0 and vals["onnx_bytes"] > 0
+    om = deploy.OnnxModel(deploy.onnx_form(model, task.example_input(), int8=False))
+    assert [n for n, _ in om.inputs] == ["input_ids", "attention_mask"]
+    assert task.evaluate(om, "val") == task.evaluate(model, "val")  # Task scores it by name
