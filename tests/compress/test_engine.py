@@ -241,3 +241,15 @@ def test_cached_teacher_outputs_are_used_as_given(digits_mlp: Task) -> None:
     assert torch.equal(a.fc1.weight, b.fc1.weight)
     c = apply(teacher, plan, digits_mlp, teacher_outputs=torch.zeros_like(soft))
     assert not torch.equal(a.fc1.weight, c.fc1.weight)
+
+
+def test_autocast_branch_runs(digits_mlp: Task, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mixed-precision branch (CUDA's) exercised with CPU bf16 autocast: losses in fp32,
+    the fake-quantized student still trains and bakes to its grid."""
+    from autocompress.compress import _finetune
+
+    monkeypatch.setattr(_finetune, "_amp", lambda device, enabled: torch.bfloat16)
+    plan = Plan.uniform(LAYERS, sparsity=0.5, bits=8, finetune=FinetuneSettings(epochs=2))
+    q = apply(digits_mlp.teacher(), plan, digits_mlp)
+    assert q.fc1.weight.dtype == torch.float32
+    assert digits_mlp.evaluate(q, "val")["accuracy"] > 0.8
