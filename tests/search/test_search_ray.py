@@ -179,7 +179,7 @@ def test_search_front_artifacts_and_reload(ray_cluster, digits_mlp: Task, tmp_pa
     assert "front" in result.summary()
     study = SearchResult.load(rd).study()
     told = [t for t in study.trials if "repeat_of" not in t.user_attrs]
-    assert len(told) == 8 and all("c0" in t.constraints for t in told)
+    assert len(told) == 8 and all("0" in t.constraints for t in told)
     print(
         f"\n8 trials on 2 workers: {took:.1f}s total, median trial "
         f"{trials['duration_s'].median():.2f}s"
