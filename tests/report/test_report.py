@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import make_run
+from reportkit import make_run
 
 from autocompress.errors import AutocompressError
 from autocompress.report import write_report
