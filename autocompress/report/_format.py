@@ -173,6 +173,15 @@ def plan_layers(plan_json: Any) -> tuple[dict[str, dict[str, Any]], float]:
     return dict(d.get("layers", {})), float(d.get("width", 1.0))
 
 
+def _plan_heads(plan_json: Any) -> float | None:
+    """The plan's fraction of attention heads kept, when it sets one apart from the width."""
+    try:
+        heads = json.loads(plan_json).get("heads")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return None if heads is None else float(heads)
+
+
 def plan_summary(plan_json: Any, max_layers: int = 4) -> str:
     """A short, readable summary of a plan: width and each layer's knobs, or ranges when long.
 
@@ -183,9 +192,14 @@ def plan_summary(plan_json: Any, max_layers: int = 4) -> str:
         'width 0.85 · fc1 6b 60% · fc2 2b cb 53%'
         >>> plan_summary('{"layers": {"a": {"bits": 4}, "b": {"bits": 4}}, "width": 1.0}')
         'all 2 layers 4b'
+        >>> plan_summary('{"layers": {}, "width": 0.5, "heads": 0.75}')
+        'width 0.50 · heads 0.75'
     """
     layers, width = plan_layers(plan_json)
     head = [] if width == 1.0 else [f"width {width:.2f}"]
+    heads = _plan_heads(plan_json)
+    if heads is not None and heads != width:  # unset: attention heads follow the width
+        head.append(f"heads {heads:.2f}")
     if not layers:
         return " · ".join(head) or "no compression"
     tokens = {name: layer_token(k) for name, k in layers.items()}
