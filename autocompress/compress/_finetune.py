@@ -29,7 +29,6 @@ from autocompress.tasks._batch import (
     model_device,
     pick_output,
     select,
-    split_batch,
     to_device,
 )
 from autocompress.tasks._data import full_batch
@@ -130,7 +129,7 @@ def _batches(
     """``(inputs, targets, teacher outputs)`` per training batch, on ``device``."""
     full = full_batch(task.data("train"))
     if full is not None and soft is not None:
-        inputs, targets = split_batch(full, task.label_key)
+        inputs, targets = task.split(full)
         perm = torch.randperm(len(soft), generator=gen)
         # CUDA: rows gathered on the host go through pinned memory, so the copy to the device
         # is asynchronous (no host sync per step), as DataLoader(pin_memory=True) does

@@ -174,6 +174,9 @@ class Task:
         collate_fn: collates examples of a torch ``Dataset`` split into a batch.
         embedding_loss: ``"mse"`` (default) or ``"cosine"`` (``1 - cosine`` along the last
             axis) for ``kind="embedding"``.
+        shift_labels: causal language modelling: position ``t`` is scored against label
+            ``t + 1`` (targets are shifted left and end with the ignored ``-100``), as Hugging
+            Face ``...ForCausalLM`` models do inside their own loss.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -197,6 +200,7 @@ class Task:
     label_key: str | None = None
     collate_fn: Callable[[list[Any]], Any] | None = None
     embedding_loss: str = "mse"
+    shift_labels: bool = False
     _data: dict[str, Any] | None = field(default=None, repr=False)
     _teacher_out: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -328,7 +332,15 @@ class Task:
         for batch in iter_batches(
             self.data(split), bs, shuffle=shuffle, generator=generator, collate_fn=self.collate_fn
         ):
-            yield split_batch(batch, self.label_key)
+            yield self.split(batch)
+
+    def split(self, batch: Any) -> tuple[Inputs, Any]:
+        """``(inputs, targets)`` of one batch as this task reads it (``label_key``,
+        ``shift_labels``)."""
+        inputs, y = split_batch(batch, self.label_key)
+        if self.shift_labels and isinstance(y, torch.Tensor) and y.dim() >= 2:
+            y = torch.cat([y[:, 1:], torch.full_like(y[:, :1], -100)], dim=1)
+        return inputs, y
 
     def example_input(self, batch: int = 2) -> Inputs:
         """The first ``batch`` validation inputs in their natural form (a tensor, a tuple or a

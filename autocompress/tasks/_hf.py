@@ -37,11 +37,12 @@ def require_transformers() -> Any:
 
 def infer_kind(model: nn.Module) -> str:
     """``"regression"`` for a one-label sequence regressor, ``"classification"`` for a model
-    with a task head (``...ForSequenceClassification``, ``...ForCausalLM``, ...), else
+    with a task head (``...ForSequenceClassification``, ``...ForCausalLM``,
+    ``...LMHeadModel``, ...), else
     ``"embedding"`` (a bare encoder such as ``BertModel``)."""
     config = getattr(model, "config", None)
     name = type(model).__name__
-    if "For" not in name:
+    if "For" not in name and "LMHead" not in name:  # GPT2LMHeadModel has a head, no "For"
         return "embedding"
     if getattr(config, "problem_type", None) == "regression" or (
         "SequenceClassification" in name and getattr(config, "num_labels", 2) == 1
@@ -159,6 +160,7 @@ def task_from_hf(
             "use Task.from_module for other models"
         )
     kind = kind or infer_kind(model)
+    causal = "ForCausalLM" in type(model).__name__ or "LMHeadModel" in type(model).__name__
     splits = {
         s: hf_split(model, s, d, label_key)
         for s, d in (("train", train), ("val", val), ("test", test))
@@ -183,4 +185,5 @@ def task_from_hf(
         eval_batch_size=eval_batch_size,
         label_key=label_key,
         embedding_loss=embedding_loss,
+        shift_labels=causal,  # HF shifts a causal LM's labels inside its loss; so do we
     )

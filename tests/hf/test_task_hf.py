@@ -188,3 +188,22 @@ def test_dict_of_lists_and_indexable_rows_are_padded_like_a_collator() -> None:
     val = task.data("val").tensors
     assert sorted(val) == ["attention_mask", "input_ids", "label"]
     assert val["attention_mask"][short, -1] == 0
+
+
+def test_causal_lm_labels_are_shifted_like_hugging_face_does() -> None:
+    from autocompress.tasks._train import task_loss
+
+    cfg = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=1, n_head=4, n_positions=16)
+    lm = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 60, (24, 10), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids, "labels": ids.clone()}
+    task = Task.from_hf(lm, data, data, data)
+    assert task.kind == "classification" and task.shift_labels
+    inputs, y = task.split(data)
+    with torch.no_grad():
+        ours = task_loss(task, lm(**inputs).logits, y)
+        theirs = lm(input_ids=ids, labels=ids).loss
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    plan = Plan.uniform(["transformer.h.0.mlp.c_fc"], sparsity=0.5, finetune=ONE_EPOCH)
+    small = compress.apply(lm, plan, task)
+    assert 0.0 <= task.evaluate(small, "val")["accuracy"] <= 1.0
