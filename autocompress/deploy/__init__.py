@@ -7,6 +7,11 @@
   in the same process and runtime.
 * :func:`macs` and :func:`bitops` are the analytic costs.
 
+Inputs are taken the way the model is called: a tensor, a tuple, or a dict of tensors (Hugging
+Face ``input_ids``/``attention_mask`` ...: ONNX inputs named after the keys, dynamic batch and
+sequence axes); a dict or ``ModelOutput`` answer is exported as one field (``output=``, default
+``logits``). See docs/objectives.md, "Models as they come".
+
 Example:
     >>> import tempfile, torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))

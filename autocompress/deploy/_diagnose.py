@@ -102,9 +102,12 @@ def classify(e: BaseException, in_torch: bool = False) -> Cause:
             "return tensors (pick one with output=...)",
         )
     if isinstance(e, Mismatch):
+        what = _short(str(e), 200)
+        if not what.startswith("the model fails"):
+            what = f"the traced graph does not reproduce the model: {what}"
         return Cause(
             2,
-            f"the traced graph does not reproduce the model: {e}",
+            what,
             "remove Python control flow on input shapes or values from its forward",
         )
     return Cause(

@@ -20,6 +20,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -156,21 +158,57 @@ def _dynamo(model: Positional, args: tuple, sig: Signature, seq: bool, spec: Out
     return proto
 
 
+@contextlib.contextmanager
+def _quiet_fds() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at /dev/null for the block: the TorchScript exporter logs
+    the whole graph from C++ when it fails (its log switch is always on in torch 2.13)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        saved = [(fd, os.dup(fd)) for fd in (1, 2)]
+    except OSError:  # no such descriptors (embedded interpreters): leave them
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            for fd, _ in saved:
+                os.dup2(null.fileno(), fd)
+        yield
+    finally:
+        for fd, dup in saved:
+            os.dup2(dup, fd)
+            os.close(dup)
+
+
 def _torchscript(
     model: Positional, args: tuple, sig: Signature, seq: bool, spec: OutputSpec, out_axes: dict
 ) -> onnx.ModelProto:
     buf = io.BytesIO()
+    with _quiet_fds():
+        _ts_export(model, args, sig, seq, spec, out_axes, buf)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _ts_export(
+    model: Positional,
+    args: tuple,
+    sig: Signature,
+    seq: bool,
+    spec: OutputSpec,
+    out_axes: dict,
+    buf: io.BytesIO,
+) -> None:
     torch.onnx.export(
         model,
         args,
         buf,
         dynamo=False,
+        verbose=False,  # else the graph is logged to stderr on a failure
         opset_version=OPSET,
         input_names=list(sig.names),
         output_names=list(spec.names),
         dynamic_axes={**_input_axes(sig, seq), **out_axes},
     )
-    return onnx.load_from_string(buf.getvalue())
 
 
 def strip(proto: onnx.ModelProto) -> onnx.ModelProto:

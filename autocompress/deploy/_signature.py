@@ -219,7 +219,6 @@ class Positional(nn.Module):
         self.sig = sig
         self.output = output
         self.kwargs = {"use_cache": False} if takes_use_cache(model) else {}
-        self.spec: OutputSpec | None = None
         self.eval()
 
     def call(self, xs: Sequence[torch.Tensor]) -> Any:
@@ -232,6 +231,5 @@ class Positional(nn.Module):
         return self.model(inputs, **self.kwargs)
 
     def forward(self, *xs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        spec, ts = select(self.call(xs), self.output)
-        self.spec = self.spec or spec
+        _, ts = select(self.call(xs), self.output)
         return ts[0] if len(ts) == 1 else ts
