@@ -30,7 +30,11 @@ quantized to 8 bits at run time), with top-1 agreement >= 97% (tested)."""
 
 
 def _is_structural(plan: Plan) -> bool:
-    return plan.width != 1.0 or any(lp.rank_ratio != 1.0 for lp in plan.layers.values())
+    return (
+        plan.width != 1.0
+        or plan.head_fraction != 1.0
+        or any(lp.rank_ratio != 1.0 for lp in plan.layers.values())
+    )
 
 
 def _rebuild(
@@ -152,7 +156,11 @@ def load(
     shapes = {n: tuple(t.shape) for n, t in state.items()}
     net = _rebuild(manifest["task_spec"], plan, shapes, model, example_input)
     _check_shapes(net, state)
-    net.load_state_dict(state, strict=True)
+    own = net.state_dict()
+    # the decoded tensors are fresh CPU tensors: hand them over instead of copying (a copy of a
+    # 100M-parameter model costs more than decoding it) unless devices or dtypes differ
+    assign = all(t.device.type == "cpu" and t.dtype == state[n].dtype for n, t in own.items())
+    net.load_state_dict(state, strict=True, assign=assign)
     _tie(net, aliases)
     set_quant_records(net, records)
     return net.eval()
