@@ -50,7 +50,7 @@ def restructure(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Modul
     untrained architecture to rebuild a compressed model's shapes before loading its weights.
     """
     check_plan(model, plan)
-    model = shrink_width(model, plan.width, example_input)
+    model = shrink_width(model, plan.width, example_input, heads=plan.heads)
     ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
     if ratios:
         model = factorize(model, ratios)
@@ -96,8 +96,10 @@ def apply(
     """
     check_plan(model, plan)
     if example_input is None:
-        if task is None and plan.width < 1.0:
-            raise PlanError("width < 1 needs an example input: pass task= or example_input=")
+        if task is None and (plan.width < 1.0 or plan.head_fraction < 1.0):
+            raise PlanError(
+                "width or heads < 1 needs an example input: pass task= or example_input="
+            )
         example_input = task.example_input() if task is not None else None
     teacher = (teacher if teacher is not None else model).eval()
     student = restructure(model, plan, example_input) if example_input is not None else None

@@ -207,3 +207,26 @@ def test_causal_lm_labels_are_shifted_like_hugging_face_does() -> None:
     plan = Plan.uniform(["transformer.h.0.mlp.c_fc"], sparsity=0.5, finetune=ONE_EPOCH)
     small = compress.apply(lm, plan, task)
     assert 0.0 <= task.evaluate(small, "val")["accuracy"] <= 1.0
+
+
+def test_heads_plan_applies_and_round_trips_through_the_artifact(tmp_path) -> None:
+    """Plan.heads reaches the engine (restructure) and the loader rebuilds the same shapes."""
+    from autocompress import Plan, compress, export, load
+    from autocompress._zoo import ZOO, zoo_inputs
+    from autocompress.spaces._plan import FinetuneSettings
+
+    model = ZOO["bert"].build()
+    x = zoo_inputs("bert", 16)
+    data = {**x, "labels": x["input_ids"][:, 0] % 3}
+    task = Task.from_hf(model, data, data, data)
+    plan = Plan(width=1.0, heads=0.5, finetune=FinetuneSettings(epochs=1, batch_size=8))
+    small = compress.apply(model, plan, task)
+    attn = small.bert.encoder.layer[0].attention.self
+    assert attn.query.out_features == model.config.hidden_size // 2  # 2 of 4 heads
+    assert small.bert.encoder.layer[0].intermediate.dense.out_features == 128  # FFN whole
+    back = load(
+        export(small, plan, tmp_path / "a").path,
+        model=task.build_model(),
+        example_input=task.example_input(),
+    )
+    assert torch.equal(small(**x).logits, back(**x).logits)
