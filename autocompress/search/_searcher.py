@@ -68,6 +68,8 @@ class _ProjectingTrial:
     def _value(self, name: str) -> Any:
         if name == "width":
             return self.plan.width
+        if name == "heads":
+            return self.plan.head_fraction
         key, _, knob = name.rpartition(".")
         return getattr(self.plan.layers.get(key, LayerPlan()), knob)
 
