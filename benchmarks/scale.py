@@ -114,6 +114,7 @@ def main() -> None:
     from transformers import BertModel
 
     rows = []
+    load_avg = f"{os.getloadavg()[0]:.1f}"
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for name, cfg in configs().items():
@@ -145,8 +146,9 @@ def main() -> None:
         "than wall time. The 4-bit row is "
         "`Plan.uniform(<every Linear>, sparsity=0.5, bits=4)` applied without fine-tune "
         "(embeddings stay fp32); its safetensors columns save the same (baked, fp32) tensors. "
-        f"Best of {args.repeats} runs each; ratios are export / save_file and load / "
-        "load_file, measured side by side in one run.\n\n" + text
+        f"Best of {args.repeats} runs each, measured side by side in one run; load average "
+        f"{load_avg} at the start (other jobs shared the 2 cores, so wall times are noisy).\n\n"
+        + text
     )
     write_section(
         "scale",
