@@ -121,7 +121,7 @@ def shrink_width(
         elif width < 1.0:
             for p in new.parameters():
                 p.requires_grad_(True)  # torch-pruning traces the autograd graph
-            keep = set(ignored) | set(output_layers(new, example_input))
+            keep = set(ignored) | set(output_layers(new, example_input, rnn_inputs=True))
             modules = dict(new.named_modules())
             ignored_layers = [modules[n] for n in sorted(keep)]
             ignored_layers += [m for m in new.modules() if isinstance(m, nn.MultiheadAttention)]
@@ -148,8 +148,12 @@ def shrink_width(
     return new
 
 
-def output_layers(model: nn.Module, example_input: Any) -> list[str]:
+def output_layers(model: nn.Module, example_input: Any, *, rnn_inputs: bool = False) -> list[str]:
     """Names of the layers whose output reaches a model output with no other layer in between.
+
+    With ``rnn_inputs``, also the layers whose output reaches the input of an RNN (``nn.LSTM``,
+    ``nn.GRU``, ``nn.RNN``) that way: torch-pruning does not shrink an RNN's ``input_size``, so
+    what feeds it keeps its size too.
 
     "Layer" means Linear, Conv1d/2d, Embedding or MultiheadAttention; found by walking the autograd
     graph of one forward pass back from the outputs. These layers keep their output size when the
@@ -168,7 +172,20 @@ def output_layers(model: nn.Module, example_input: Any) -> list[str]:
         if isinstance(t, torch.Tensor) and t.grad_fn is not None:
             producer[t.grad_fn] = names[mod]
 
+    rnn_in: list[Any] = []
+
+    def pre_hook(_mod: nn.Module, args: Any) -> None:
+        t = args[0] if args else None
+        if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+            rnn_in.append(t.grad_fn)
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _STOP_TYPES)]
+    if rnn_inputs:
+        handles += [
+            m.register_forward_pre_hook(pre_hook)
+            for m in model.modules()
+            if isinstance(m, nn.RNNBase)
+        ]
     try:
         with torch.enable_grad():
             out = call_model(model, example_input)
@@ -177,7 +194,7 @@ def output_layers(model: nn.Module, example_input: Any) -> list[str]:
             h.remove()
     found: set[str] = set()
     seen: set[Any] = set()
-    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+    stack = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None] + rnn_in
     while stack:
         fn = stack.pop()
         if fn in seen:

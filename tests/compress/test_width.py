@@ -319,3 +319,15 @@ def test_q_k_v_layers_without_an_output_projection_are_refused() -> None:
     model = nn.Sequential(nn.Linear(8, 16), NoOut(), nn.Linear(16, 3))
     with pytest.raises(PlanError, match=r"attention '1' \(NoOut\)"):
         shrink_width(model, 0.5, torch.randn(2, 5, 8))
+
+
+def test_layers_feeding_an_rnn_keep_their_size() -> None:
+    """torch-pruning does not shrink an LSTM's input_size, so its feeders keep their width."""
+    from autocompress._zoo import ZOO, zoo_inputs
+
+    model = ZOO["lstm"].build()
+    x = zoo_inputs("lstm", 4)
+    assert output_layers(model, x, rnn_inputs=True) == ["embed", "head"]
+    small = shrink_width(model, 0.5, x)
+    assert small.embed.embedding_dim == model.lstm.input_size
+    assert small(x).shape == model(x).shape
