@@ -4,7 +4,9 @@ Every kind maps the zero value to code 0, so the sparse encodings can skip zeros
 are stored as +0.0 (they compare equal and give the same outputs).
 
 * ``u{b}``: fp32 with a uniform record (``q * scale[c]``); ``b``-bit codes; aux = the fp16
-  scales, one per dim-0 channel.
+  scales, one per dim-0 channel. ``u{b}.{a}``: the same with the channels on dim ``a`` (HF
+  ``Conv1D`` stores its weight ``(in, out)``: ``a = 1``); codes in the order of the tensor with
+  dim ``a`` moved first.
 * ``c{b}``: fp32 with a codebook record (``codebook[code]``); ``b``-bit codes; aux = the fp16
   codebook, ``2**b`` values.
 * ``h16``: fp32 with an fp16 record; 16-bit fp16 patterns.
@@ -38,7 +40,7 @@ RAW_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_QUANT_RE = re.compile(r"^([uc])([1-9]|1[0-6])$")
+_QUANT_RE = re.compile(r"^([uc])([1-9]|1[0-6])(?:\.([1-7]))?$")
 
 
 @dataclass
@@ -69,7 +71,8 @@ def kind_bits(kind: str) -> int | None:
 def aux_len(kind: str, shape: tuple[int, ...]) -> int:
     """Bytes of aux data of ``kind`` for a tensor of ``shape`` (fp16 scales or codebook)."""
     if kind.startswith("u"):
-        return 2 * (shape[0] if shape else 0)
+        axis = int(kind.partition(".")[2] or 0)
+        return 2 * (shape[axis] if axis < len(shape) else 0)
     if kind.startswith("c"):
         return 2 * (1 << int(kind[1:]))
     return 0
@@ -132,7 +135,7 @@ def to_codes(name: str, t: torch.Tensor, rec: QuantRecord | None) -> Coded:
             raise _not_baked(name, "has an fp16 record but values that are not fp16-exact")
         return Coded("h16", _bit_patterns(t.detach().half()), 16, b"")
     if scheme == "uniform" and 1 <= bits <= 16 and rec.scale is not None and t.dim() >= 1:
-        return _uniform(name, t, bits, rec.scale)
+        return _uniform(name, t, bits, rec.scale, rec.axis)
     if scheme == "codebook" and 1 <= bits <= 16 and rec.codebook is not None:
         return _codebook(name, t, bits, rec.codebook)
     raise _not_baked(name, f"has an unsupported quant record (scheme={scheme!r}, bits={bits})")
@@ -143,7 +146,10 @@ def _rows(t: torch.Tensor, n0: int) -> torch.Tensor:
     return t.reshape(n0, t.numel() // n0 if n0 else 0)
 
 
-def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor) -> Coded:
+def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor, axis: int = 0) -> Coded:
+    if not 0 <= axis < max(1, t.dim()):
+        raise _not_baked(name, f"has scales on dim {axis} of a {t.dim()}-D tensor")
+    t = t.detach().cpu().movedim(axis, 0) if axis else t
     w = _rows(t.detach().cpu(), t.shape[0])
     s = scale.detach().cpu().float().reshape(-1)
     if s.numel() != t.shape[0]:
@@ -159,7 +165,8 @@ def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor) -> Code
         raise _not_baked(name, f"holds values that are not q * scale with |q| <= {qmax}")
     mag *= 2
     mag -= q < 0  # zigzag: q >= 0 -> 2q, q < 0 -> -2q - 1
-    return Coded(f"u{bits}", mag.reshape(-1).astype(np.uint16), bits, aux)
+    kind = f"u{bits}.{axis}" if axis else f"u{bits}"
+    return Coded(kind, mag.reshape(-1).astype(np.uint16), bits, aux)
 
 
 def _codebook(name: str, t: torch.Tensor, bits: int, codebook: torch.Tensor) -> Coded:
@@ -189,10 +196,19 @@ def from_codes(
         table = np.where(k % 2 == 0, k // 2, -(k + 1) // 2).astype(np.float32)  # un-zigzag
         scale_np = np.frombuffer(aux, "<f2").astype(np.float32)
         q = table[codes]
-        n0 = shape[0]
+        axis = int(kind.partition(".")[2] or 0)
+        if axis >= max(1, len(shape)):
+            raise ArtifactError(f"kind {kind!r} names dim {axis} of a {len(shape)}-D tensor")
+        moved = (shape[axis], *shape[:axis], *shape[axis + 1 :]) if shape else shape
+        n0 = moved[0] if moved else 1
+        if scale_np.size != n0:
+            raise ArtifactError(f"{scale_np.size} uniform scales for {n0} channels")
         q.reshape(n0, q.size // n0 if n0 else 0)[...] *= scale_np[:, None]
-        w = torch.from_numpy(q).reshape(shape)
-        return w, QuantRecord(bits=bits, scheme="uniform", scale=torch.from_numpy(scale_np))
+        w = torch.from_numpy(q).reshape(moved)
+        if axis:
+            w = w.movedim(0, axis).contiguous()
+        rec = QuantRecord(bits=bits, scheme="uniform", scale=torch.from_numpy(scale_np), axis=axis)
+        return w, rec
     if kind.startswith("c"):
         cb = torch.from_numpy(np.frombuffer(aux, "<f2").astype(np.float32))
         w = cb[torch.from_numpy(codes.astype(np.int64))].reshape(shape)

@@ -390,3 +390,18 @@ def test_real_engine_round_trip(tmp_path: Path) -> None:
     x = torch.randn(4, 12)
     loaded = load(art.path, model=base, example_input=x)
     assert_same_model(model, loaded, x)
+
+
+def test_uniform_scales_on_dim_1_round_trip(tmp_path) -> None:
+    """HF Conv1D keeps its weight (in, out): its uniform scales follow dim 1 (kind u{b}.1)."""
+    net = torch.nn.Linear(6, 4, bias=False)
+    scale = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.125, 4.0])  # one per column (dim 1)
+    q = torch.randint(-7, 8, (4, 6)).float()
+    with torch.no_grad():
+        net.weight.copy_(q * scale)
+    set_quant_records(net, {"weight": QuantRecord(bits=4, scheme="uniform", scale=scale, axis=1)})
+    art = export(net, Plan(), tmp_path / "a")
+    back = load(art.path, model=torch.nn.Linear(6, 4, bias=False))
+    assert torch.equal(back.weight, net.weight)
+    rec = quant_records(back)["weight"]
+    assert rec.axis == 1 and torch.equal(rec.scale, scale)
