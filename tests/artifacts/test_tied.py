@@ -120,3 +120,33 @@ def test_format1_refuses_format2_features(tmp_path: Path) -> None:
     _edit_layout(tmp_path / "a", "bn.weight 20 f16 d z 7", "bn.weight 20 f16 p z 7")
     with pytest.raises(ArtifactError, match="unknown encoding 'p'"):
         load(tmp_path / "a", model=MLP(bn=True))
+
+
+def test_t5_shared_embedding_aliases(tmp_path: Path) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(
+        d_model=32,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        vocab_size=100,
+        d_kv=16,
+        decoder_start_token_id=0,
+    )
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    art = export(model, Plan(), tmp_path / "t5")
+    assert art.size_bytes <= 1.01 * 4 * sum(p.numel() for p in model.parameters())
+    aliases = inspect_artifact(art.path)["aliases"]
+    assert aliases == {
+        "encoder.embed_tokens.weight": "shared.weight",
+        "decoder.embed_tokens.weight": "shared.weight",
+        "lm_head.weight": "shared.weight",
+    }
+    loaded = load(art.path, model=transformers.T5ForConditionalGeneration(cfg))
+    assert all(loaded.get_parameter(a) is loaded.shared.weight for a in aliases)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = loaded(input_ids=ids, decoder_input_ids=ids).logits
+        assert torch.equal(out, model(input_ids=ids, decoder_input_ids=ids).logits)
