@@ -60,8 +60,9 @@ class KnobsConfig(_Strict):
     rank_step: float = Field(0.05, gt=0, le=0.5)
     width: Range | None = None
     width_step: float = Field(0.05, gt=0, le=0.5)
+    heads: Range | None = None
 
-    @field_validator("sparsity", "rank_ratio", "width", mode="before")
+    @field_validator("sparsity", "rank_ratio", "width", "heads", mode="before")
     @classmethod
     def _ranges(cls, v: Any, info: Any) -> Any:
         return _range(info.field_name, v, low_open=info.field_name != "sparsity")
@@ -97,6 +98,10 @@ class FinetuneConfig(_Strict):
     patience: int = Field(6, ge=1)
     batch_size: int = Field(64, ge=1)
     ramp: float = Field(0.33, ge=0, le=1)
+    accum_steps: int = Field(1, ge=1, le=10_000)
+    max_steps: int = Field(0, ge=0)
+    max_seconds: float = Field(0.0, ge=0)
+    amp: bool = True
 
 
 class ObjectiveConfig(_Strict):
@@ -365,6 +370,7 @@ def build(
             rank_step=k.rank_step,
             width=k.width,
             width_step=k.width_step,
+            heads=k.heads,
         )
         space = CompressionSpace.from_model(
             task.build_model(),

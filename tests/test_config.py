@@ -169,3 +169,21 @@ def test_config_constants_match_the_spaces() -> None:
     from autocompress.spaces import ALLOWED_BITS, SCHEMES
 
     assert config.ALLOWED_BITS == ALLOWED_BITS and config.SCHEMES == SCHEMES
+
+
+def test_heads_knob_and_finetune_budgets_reach_the_space() -> None:
+    from autocompress.config import build
+
+    exp = parse_experiment(
+        {
+            "task": "mnist1d-transformer",
+            "space": {"knobs": {"width": [0.5, 1.0], "heads": [0.5, 1.0]}},
+            "finetune": {"max_steps": 20, "accum_steps": 2, "max_seconds": 9.5, "amp": False},
+        }
+    )
+    _, space, _ = build(exp)
+    assert space.knobs.heads == (0.5, 1.0)
+    ft = space.finetune
+    assert (ft.max_steps, ft.accum_steps, ft.max_seconds, ft.amp) == (20, 2, 9.5, False)
+    with pytest.raises(ConfigError, match="heads"):
+        parse_experiment({"task": "digits-mlp", "space": {"knobs": {"heads": [0.0, 1.0]}}})
