@@ -51,6 +51,8 @@ class ModelReport:
     skipped: dict[str, str] = field(default_factory=dict)
     knobs: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    no_low_rank: dict[str, int] = field(default_factory=dict)
+    """Layers not offered low rank: ``{reason: how many layers}``."""
 
     @property
     def ok(self) -> bool:
@@ -166,6 +168,10 @@ def check_model(name: str, knobs: tuple[str, ...] = KNOBS) -> ModelReport:
         len(space.layers),
         {k: str(v) for k, v in dict(space.skipped).items()},
     )
+    for layer in space.layers:
+        if not layer.factorizable:
+            why = layer.note or "not factorizable"
+            rep.no_low_rank[why] = rep.no_low_rank.get(why, 0) + 1
     with tempfile.TemporaryDirectory() as tmp:
         for knob in knobs:
             plan = plan_for(knob, space)
@@ -198,6 +204,13 @@ def markdown(reports: list[ModelReport], command: str) -> str:
             + " | ".join(c.replace("|", "/") for c in cells)
             + f" | {r.seconds:.1f} |"
         )
+    lines += ["", "## Layers not offered low rank, with the reason", ""]
+    for r in reports:
+        if r.no_low_rank:
+            lines.append(f"**{r.name}**")
+            lines.append("")
+            lines += [f"- {n} layer(s): {why}" for why, n in sorted(r.no_low_rank.items())]
+            lines.append("")
     lines += ["", "## Parameters left uncompressed, with the reason", ""]
     for r in reports:
         if r.skipped:
