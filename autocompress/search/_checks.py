@@ -357,10 +357,30 @@ def describe_space(space: CompressionSpace) -> dict[str, Any]:
     }
 
 
+def _with_new_defaults(old: Any, new: Any) -> Any:
+    """``old``'s space description with settings added since it was written (knobs, fine-tune
+    fields at their defaults in ``new``) filled in, so a run started by an older version
+    resumes as long as the new settings keep their defaults."""
+    from autocompress.spaces import FinetuneSettings, Knobs
+
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return old
+    out = dict(old)
+    for key, default in (("knobs", Knobs()), ("finetune", FinetuneSettings())):
+        o, n = out.get(key), new.get(key)
+        if isinstance(o, dict) and isinstance(n, dict):
+            base = json.loads(json.dumps(asdict(default), default=str))
+            added = {k: v for k, v in n.items() if k not in o and base.get(k) == v}
+            out[key] = {**o, **added}
+    return out
+
+
 def check_resume(run_dir: Path, desc: dict[str, Any]) -> None:
     """Refuse to resume with a different task, space, objective or trial budget."""
     old = json.loads((run_dir / "run.json").read_text())
     new = json.loads(json.dumps(desc, default=str))
+    if "space" in old:
+        old["space"] = _with_new_defaults(old["space"], new.get("space"))
     for key in ("task", "space", "objective"):
         if old.get(key) != new[key]:
             raise ConfigError(

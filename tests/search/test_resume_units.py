@@ -113,3 +113,28 @@ def test_progress_counts_a_resumed_trial_once() -> None:
     p.add("COMPLETE", vals, True, resumed=True, trial_id="a")
     p.add("COMPLETE", vals, True, trial_id="a")  # the restored trial reports its record again
     assert p.done == 1 and p.front_size() == 1
+
+
+def test_a_run_from_before_a_new_knob_still_resumes(tmp_path: Path) -> None:
+    """Settings added since a run.json was written (e.g. Knobs.heads, fine-tune budgets) count
+    as unchanged while they keep their defaults; a real change is still refused."""
+    import pytest
+
+    from autocompress.errors import ConfigError
+    from autocompress.search._checks import check_resume, describe_space
+    from autocompress.spaces import CompressionSpace, Knobs
+    from autocompress.tasks._models import DigitsMLP
+
+    desc = {
+        "task": {"spec": "digits-mlp"},
+        "space": describe_space(CompressionSpace.from_model(DigitsMLP())),
+        "objective": {"metrics": ["accuracy"]},
+        "settings": {"trials": 4},
+    }
+    old = json.loads(json.dumps(desc, default=str))
+    del old["space"]["knobs"]["heads"], old["space"]["finetune"]["max_steps"]
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    check_resume(tmp_path, desc)  # no error: the new settings are at their defaults
+    changed = CompressionSpace.from_model(DigitsMLP(), Knobs(width=(0.5, 1.0), heads=(0.5, 1.0)))
+    with pytest.raises(ConfigError, match="the space differs"):
+        check_resume(tmp_path, {**desc, "space": describe_space(changed)})
