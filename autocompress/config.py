@@ -20,11 +20,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autocompress.errors import AutocompressError, ConfigError
+from autocompress.spaces._knobs import ALLOWED_BITS, KNOBS, SCHEMES, STEP_MAX, Knobs
+from autocompress.spaces._plan import FINETUNE_BOUNDS, FinetuneSettings
 
-ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-SCHEMES = ("uniform", "codebook")
-"""Copies of ``autocompress.spaces``' constants (a test keeps them equal): importing the spaces
-would import torch, and a config error must come back in well under a second."""
+# The knob registry and the plan's rules import no torch (a config error must come back in well
+# under a second); the ranges and bounds below are read from them, never copied.
+_KNOBS = Knobs()
+_FINETUNE = FinetuneSettings()
 MAX_FILE_BYTES = 1 << 20
 ADDRESS_PATTERN = r"^(auto|local|ray://[\w.\-]+(:\d+)?|[\w.\-]+:\d+)$"
 
@@ -36,36 +38,46 @@ class _Strict(BaseModel):
 Range = tuple[float, float]
 
 
-def _range(name: str, v: Any, low_open: bool = False) -> Any:
-    """``None`` or ``[low, high]`` of finite numbers within [0, 1] (a clear error otherwise)."""
+_RANGED = {s.range_key: s for s in KNOBS.values() if s.range_key and s.choices is None}
+"""Knob range keys of ``space.knobs`` whose values are ``[low, high]`` (the knob registry)."""
+
+
+def _range(name: str, v: Any) -> Any:
+    """``None`` or ``[low, high]`` of finite numbers within the knob's interval (its
+    :class:`~autocompress.spaces.KnobSpec`), a clear error otherwise."""
     if v is None:
         return v
+    spec = _RANGED[name]
     ok = isinstance(v, list | tuple) and len(v) == 2
     ok = ok and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
-    ok = ok and all(math.isfinite(x) and (x > 0 if low_open else x >= 0) and x <= 1 for x in v)
-    if not ok:
-        lo = "(0" if low_open else "[0"
-        raise ValueError(f"{name} must be null or [low, high] with numbers in {lo}, 1]")
+    if not (ok and all(math.isfinite(x) and spec.allows(x) for x in v)):
+        raise ValueError(f"{name} must be null or [low, high] with numbers in {spec.interval}")
     return v
 
 
+def _step(name: str) -> Any:
+    """A grid step field: ``Knobs``' default, within (0, STEP_MAX] as ``Knobs`` checks."""
+    return Field(getattr(_KNOBS, name), gt=0, le=STEP_MAX)
+
+
 class KnobsConfig(_Strict):
-    """Searched ranges; see :class:`autocompress.spaces.Knobs`."""
+    """Searched ranges; see :class:`autocompress.spaces.Knobs` (defaults and rules come from
+    it and from the knob registry; a test keeps the fields equal)."""
 
-    sparsity: Range | None = (0.0, 0.95)
-    sparsity_step: float = Field(0.05, gt=0, le=0.5)
-    bits: list[int] = [2, 3, 4, 5, 6, 8, 16, 32]
-    schemes: list[Literal["uniform", "codebook"]] = ["uniform"]
-    rank_ratio: Range | None = None
-    rank_step: float = Field(0.05, gt=0, le=0.5)
-    width: Range | None = None
-    width_step: float = Field(0.05, gt=0, le=0.5)
-    heads: Range | None = None
+    sparsity: Range | None = _KNOBS.sparsity
+    sparsity_step: float = _step("sparsity_step")
+    bits: list[int] = list(_KNOBS.bits)
+    schemes: list[Literal["uniform", "codebook"]] = list(_KNOBS.schemes)
+    rank_ratio: Range | None = _KNOBS.rank_ratio
+    rank_step: float = _step("rank_step")
+    width: Range | None = _KNOBS.width
+    width_step: float = _step("width_step")
+    heads: Range | None = _KNOBS.heads
 
-    @field_validator("sparsity", "rank_ratio", "width", "heads", mode="before")
+    @field_validator(*_RANGED, mode="before")
     @classmethod
     def _ranges(cls, v: Any, info: Any) -> Any:
-        return _range(info.field_name, v, low_open=info.field_name != "sparsity")
+        return _range(info.field_name, v)
 
     @field_validator("bits")
     @classmethod
@@ -77,10 +89,12 @@ class KnobsConfig(_Strict):
 
 
 class LayerPin(_Strict):
-    sparsity: float = 0.0
-    bits: int = 32
-    scheme: Literal["uniform", "codebook"] = "uniform"
-    rank_ratio: float = 1.0
+    """Fixed knobs of one layer (``LayerPlan`` checks the values with the knob registry)."""
+
+    sparsity: float = KNOBS["sparsity"].default
+    bits: int = KNOBS["bits"].default
+    scheme: Literal["uniform", "codebook"] = KNOBS["scheme"].default
+    rank_ratio: float = KNOBS["rank_ratio"].default
 
 
 class SpaceConfig(_Strict):
@@ -90,18 +104,26 @@ class SpaceConfig(_Strict):
     groups: list[list[str]] = []
 
 
+def _ft(name: str) -> Any:
+    """Field ``name`` of ``finetune``: default and bounds of ``FinetuneSettings``
+    (``spaces._plan.FINETUNE_BOUNDS``), so the YAML file and the plan cannot disagree."""
+    return Field(getattr(_FINETUNE, name), **FINETUNE_BOUNDS[name].field_kwargs())
+
+
 class FinetuneConfig(_Strict):
-    epochs: int = Field(30, ge=0, le=10_000)
-    lr: float = Field(3e-3, gt=0)
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)
-    patience: int = Field(6, ge=1)
-    batch_size: int = Field(64, ge=1)
-    ramp: float = Field(0.33, ge=0, le=1)
-    accum_steps: int = Field(1, ge=1, le=10_000)
-    max_steps: int = Field(0, ge=0)
-    max_seconds: float = Field(0.0, ge=0)
-    amp: bool = True
+    """Fine-tune settings; see :class:`autocompress.spaces.FinetuneSettings`."""
+
+    epochs: int = _ft("epochs")
+    lr: float = _ft("lr")
+    temperature: float = _ft("temperature")
+    alpha: float = _ft("alpha")
+    patience: int = _ft("patience")
+    batch_size: int = _ft("batch_size")
+    ramp: float = _ft("ramp")
+    accum_steps: int = _ft("accum_steps")
+    max_steps: int = _ft("max_steps")
+    max_seconds: float = _ft("max_seconds")
+    amp: bool = _ft("amp")
 
 
 class ObjectiveConfig(_Strict):
@@ -235,7 +257,7 @@ def parse_experiment(data: Any, source: str = "experiment") -> Experiment:
         exp = Experiment.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format(e, source)) from None
-    for name in ("sparsity", "rank_ratio", "width"):
+    for name in _RANGED:
         r = getattr(exp.space.knobs, name)
         if r is not None and r[0] > r[1]:
             raise ConfigError(
@@ -347,7 +369,7 @@ def build(
     experiment file's directory and the current working directory (:func:`importable`).
     Builds the task's untrained architecture only: no teacher training happens here.
     """
-    from autocompress.spaces import CompressionSpace, FinetuneSettings, Knobs, LayerPlan
+    from autocompress.spaces import CompressionSpace, LayerPlan
     from autocompress.tasks import get_task
 
     if objective is None:
@@ -360,17 +382,11 @@ def build(
         section = "finetune"
         finetune = FinetuneSettings(**exp.finetune.model_dump())
         section = "space"
-        k = exp.space.knobs
         knobs = Knobs(
-            sparsity=k.sparsity,
-            sparsity_step=k.sparsity_step,
-            bits=tuple(k.bits),
-            schemes=tuple(k.schemes),
-            rank_ratio=k.rank_ratio,
-            rank_step=k.rank_step,
-            width=k.width,
-            width_step=k.width_step,
-            heads=k.heads,
+            **{
+                n: tuple(v) if isinstance(v, list | tuple) else v
+                for n, v in exp.space.knobs.model_dump().items()
+            }
         )
         space = CompressionSpace.from_model(
             task.build_model(),

@@ -19,7 +19,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.errors import ConfigError
 from autocompress.search._common import CONSTRAINT_PREFIX, SAMPLERS
-from autocompress.spaces import CompressionSpace, LayerPlan, Plan
+from autocompress.spaces import KNOBS, CompressionSpace, Plan
 
 log = logging.getLogger(__name__)
 RESAMPLES = 10
@@ -66,12 +66,12 @@ class _ProjectingTrial:
         self.problems: list[str] = []
 
     def _value(self, name: str) -> Any:
-        if name == "width":
-            return self.plan.width
-        if name == "heads":
-            return self.plan.head_fraction
+        """The plan's value of the Optuna parameter ``name``, read by knob name (a model knob
+        by its own name, a layer knob as ``"<layer>.<knob>"``) from the knob registry."""
+        if name in KNOBS:
+            return KNOBS[name].value_in(self.plan)
         key, _, knob = name.rpartition(".")
-        return getattr(self.plan.layers.get(key, LayerPlan()), knob)
+        return KNOBS[knob].value_in(self.plan, key)
 
     def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
         want = float(self._value(name))

@@ -13,15 +13,72 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from autocompress.errors import PlanError
+from autocompress.spaces._knobs import ALLOWED_BITS, SCHEMES, knobs_of
 
+__all__ = ["ALLOWED_BITS", "FINETUNE_BOUNDS", "SCHEMES", "FinetuneSettings", "LayerPlan", "Plan"]
 PLAN_VERSION = 1
-ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-SCHEMES: tuple[str, ...] = ("uniform", "codebook")
 
 
-def _is_num(v: Any) -> bool:
-    """A real number (``True``/``False`` are not)."""
-    return isinstance(v, int | float) and not isinstance(v, bool)
+@dataclass(frozen=True)
+class Bound:
+    """The allowed values of one fine-tune setting: its type and inclusive (``ge``, ``le``) or
+    exclusive (``gt``) bounds. ``FinetuneSettings`` and ``config.FinetuneConfig`` both read
+    :data:`FINETUNE_BOUNDS`, so the plan and the YAML file cannot disagree.
+
+    Example:
+        >>> Bound(int, ge=1).text(), Bound(int, ge=1).allows(0)
+        ('an integer >= 1', False)
+    """
+
+    kind: type
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def allows(self, v: Any) -> bool:
+        """True if ``v`` has the right type and lies within the bounds."""
+        if self.kind is bool:
+            return isinstance(v, bool)
+        if isinstance(v, bool) or not isinstance(v, int if self.kind is int else int | float):
+            return False
+        return (
+            math.isfinite(v)
+            and (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+        )
+
+    def text(self) -> str:
+        """What is allowed, for the one-line error."""
+        if self.kind is bool:
+            return "true or false"
+        what = "an integer" if self.kind is int else "a finite number"
+        parts = [f">= {self.ge:g}" if self.ge is not None else ""]
+        parts += [f"> {self.gt:g}" if self.gt is not None else ""]
+        parts += [f"<= {self.le:g}" if self.le is not None else ""]
+        return " ".join([what, " and ".join(p for p in parts if p)]).strip()
+
+    def field_kwargs(self) -> dict[str, float]:
+        """The bounds as pydantic ``Field`` keyword arguments."""
+        return {
+            k: v for k, v in (("ge", self.ge), ("gt", self.gt), ("le", self.le)) if v is not None
+        }
+
+
+FINETUNE_BOUNDS: dict[str, Bound] = {
+    "epochs": Bound(int, ge=0, le=10_000),
+    "lr": Bound(float, gt=0),
+    "temperature": Bound(float, gt=0),
+    "alpha": Bound(float, ge=0, le=1),
+    "patience": Bound(int, ge=1),
+    "batch_size": Bound(int, ge=1),
+    "ramp": Bound(float, ge=0, le=1),
+    "accum_steps": Bound(int, ge=1, le=10_000),
+    "max_steps": Bound(int, ge=0),
+    "max_seconds": Bound(float, ge=0),
+    "amp": Bound(bool),
+}
+"""The one source of truth for fine-tune settings' rules (one :class:`Bound` per field)."""
 
 
 @dataclass(frozen=True)
@@ -43,23 +100,13 @@ class LayerPlan:
     rank_ratio: float = 1.0
 
     def __post_init__(self) -> None:
-        if not (_is_num(self.sparsity) and 0.0 <= self.sparsity < 1.0):
-            raise PlanError(f"sparsity={self.sparsity!r} is outside [0, 1): use e.g. 0.9")
-        if isinstance(self.bits, bool) or self.bits not in ALLOWED_BITS:
-            raise PlanError(
-                f"bits={self.bits!r} is not allowed: choose one of {list(ALLOWED_BITS)}"
-            )
-        if self.scheme not in SCHEMES:
-            raise PlanError(f"scheme={self.scheme!r} is unknown: choose one of {list(SCHEMES)}")
-        if not (_is_num(self.rank_ratio) and 0.0 < self.rank_ratio <= 1.0):
-            raise PlanError(
-                f"rank_ratio={self.rank_ratio!r} is outside (0, 1]: use 1.0 for no factorization"
-            )
+        for spec in knobs_of("layer"):  # rules live in the knob registry (spaces._knobs)
+            spec.check(getattr(self, spec.name))
 
     @property
     def is_identity(self) -> bool:
         """True when this layer is left exactly as it is."""
-        return self.sparsity == 0.0 and self.bits == 32 and self.rank_ratio == 1.0
+        return all(getattr(self, s.name) == s.default for s in knobs_of("layer") if s.identity)
 
 
 @dataclass(frozen=True)
@@ -101,31 +148,10 @@ class FinetuneSettings:
     amp: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("lr", "temperature", "alpha", "ramp"):
+        for name, bound in FINETUNE_BOUNDS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise PlanError(f"finetune.{name}={v!r} must be a finite number")
-        if not (isinstance(self.epochs, int) and 0 <= self.epochs <= 10_000):
-            raise PlanError(f"finetune.epochs={self.epochs!r} must be an integer in [0, 10000]")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise PlanError(f"finetune.lr={self.lr!r} must be a positive number")
-        if not self.temperature > 0:
-            raise PlanError(f"finetune.temperature={self.temperature!r} must be > 0")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise PlanError(f"finetune.alpha={self.alpha!r} must be in [0, 1]")
-        if not (isinstance(self.patience, int) and self.patience >= 1):
-            raise PlanError(f"finetune.patience={self.patience!r} must be an integer >= 1")
-        if not 0.0 <= self.ramp <= 1.0:
-            raise PlanError(f"finetune.ramp={self.ramp!r} must be in [0, 1]")
-        for name, low in (("batch_size", 1), ("accum_steps", 1), ("max_steps", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise PlanError(f"finetune.{name}={v!r} must be an integer >= {low}")
-        v = self.max_seconds
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
-            raise PlanError(f"finetune.max_seconds={v!r} must be a finite number >= 0 (0: none)")
-        if not isinstance(self.amp, bool):
-            raise PlanError(f"finetune.amp={self.amp!r} must be true or false")
+            if not bound.allows(v):
+                raise PlanError(f"finetune.{name}={v!r} must be {bound.text()}")
 
 
 @dataclass(frozen=True)
@@ -153,12 +179,8 @@ class Plan:
     heads: float | None = None
 
     def __post_init__(self) -> None:
-        if not (_is_num(self.width) and 0.0 < self.width <= 1.0):
-            raise PlanError(f"width={self.width!r} is outside (0, 1]: use 1.0 for no shrink")
-        if self.heads is not None and not (_is_num(self.heads) and 0.0 < self.heads <= 1.0):
-            raise PlanError(
-                f"heads={self.heads!r} is outside (0, 1]: use 1.0 to keep every attention head"
-            )
+        for spec in knobs_of("model"):
+            spec.check(getattr(self, spec.name))
         for name, lp in self.layers.items():
             if not isinstance(lp, LayerPlan):
                 raise PlanError(f"layer {name!r}: expected a LayerPlan, got {type(lp).__name__}")

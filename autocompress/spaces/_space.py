@@ -11,56 +11,10 @@ from torch import nn
 
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import LayerInfo, discover
-from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES, FinetuneSettings, LayerPlan, Plan
+from autocompress.spaces._knobs import Knobs, SampleContext, knobs_of
+from autocompress.spaces._plan import FinetuneSettings, LayerPlan, Plan
 
-
-@dataclass(frozen=True)
-class Knobs:
-    """Ranges searched for every free layer (and the global width).
-
-    A range ``(lo, hi)`` with ``lo == hi`` fixes the knob. ``None`` disables a knob.
-
-    Args:
-        sparsity: range of per-layer sparsity, within [0, 1).
-        sparsity_step: grid step of sparsity.
-        bits: allowed per-layer bit-widths (subset of 2..8, 16, 32).
-        schemes: quantization schemes to choose from (``uniform``, ``codebook``).
-        rank_ratio: range of per-layer rank ratio in (0, 1]; ``None`` disables factorization.
-        rank_step: grid step of rank ratio.
-        width: range of the global width multiplier in (0, 1]; ``None`` disables it.
-        width_step: grid step of width.
-        heads: range of the fraction of attention heads every transformer attention keeps,
-            in (0, 1], searched separately from ``width`` (which then cuts the feed-forward
-            channels only); ``None``: heads follow ``width``. Sampled on ``width_step``'s grid,
-            and only for models whose attention blocks are understood (``Plan.heads``).
-    """
-
-    sparsity: tuple[float, float] | None = (0.0, 0.95)
-    sparsity_step: float = 0.05
-    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 16, 32)
-    schemes: tuple[str, ...] = ("uniform",)
-    rank_ratio: tuple[float, float] | None = None
-    rank_step: float = 0.05
-    width: tuple[float, float] | None = None
-    width_step: float = 0.05
-    heads: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if self.sparsity is not None:
-            lo, hi = self.sparsity
-            if not 0.0 <= lo <= hi < 1.0:
-                raise PlanError(f"knob sparsity={self.sparsity!r} must satisfy 0 <= lo <= hi < 1")
-        if not self.bits or any(b not in ALLOWED_BITS for b in self.bits):
-            raise PlanError(f"knob bits={self.bits!r}: each must be one of {list(ALLOWED_BITS)}")
-        if not self.schemes or any(s not in SCHEMES for s in self.schemes):
-            raise PlanError(f"knob schemes={self.schemes!r}: each must be one of {list(SCHEMES)}")
-        for name in ("rank_ratio", "width", "heads"):
-            r = getattr(self, name)
-            if r is not None and not 0.0 < r[0] <= r[1] <= 1.0:
-                raise PlanError(f"knob {name}={r!r} must satisfy 0 < lo <= hi <= 1")
-        for name in ("sparsity_step", "rank_step", "width_step"):
-            if not getattr(self, name) > 0:
-                raise PlanError(f"knob {name}={getattr(self, name)!r} must be > 0")
+__all__ = ["CompressionSpace", "Knobs"]
 
 
 def _attention(model: nn.Module, knobs: Knobs) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -213,10 +167,10 @@ class CompressionSpace:
 
     def _check_layer_plan(self, name: str, lp: LayerPlan) -> None:
         info = self.layer(name)
-        if lp.rank_ratio < 1.0 and not info.factorizable:
-            raise PlanError(
-                f"layer {name!r} cannot be factorized ({info.note}): use rank_ratio 1.0"
-            )
+        for spec in knobs_of("layer"):  # a knob this layer does not offer must keep its default
+            reason = spec.offered(info)
+            if reason is not None and getattr(lp, spec.name) != spec.default:
+                raise PlanError(f"layer {name!r} {reason}: use {spec.name} {spec.default!r}")
 
     def validate(self, plan: Plan) -> Plan:
         """Check ``plan`` against this model's layers; return it unchanged if valid.
@@ -237,33 +191,25 @@ class CompressionSpace:
 
     # --- sampling --------------------------------------------------------------------------
     def suggest(self, trial: Any) -> Plan:
-        """Sample a Plan from an Optuna trial (define-by-run)."""
-        k = self.knobs
+        """Sample a Plan from an Optuna trial (define-by-run), knob by knob as registered in
+        ``spaces._knobs.KNOBS``: per free unit its layer knobs (``"<unit>.<knob>"``), then the
+        model knobs."""
         layers: dict[str, LayerPlan] = dict(self.pin)
         for key, members in self.free_groups().items():
-            sp = 0.0
-            if k.sparsity is not None and k.sparsity[1] > 0:
-                sp = trial.suggest_float(f"{key}.sparsity", *k.sparsity, step=k.sparsity_step)
-                sp = min(round(sp, 6), 0.99)
-            bits = int(trial.suggest_categorical(f"{key}.bits", list(k.bits)))
-            scheme = k.schemes[0]
-            if len(k.schemes) > 1 and bits <= 8:
-                scheme = str(trial.suggest_categorical(f"{key}.scheme", list(k.schemes)))
-            rank = 1.0
-            if k.rank_ratio is not None and all(self.layer(m).factorizable for m in members):
-                rank = trial.suggest_float(f"{key}.rank_ratio", *k.rank_ratio, step=k.rank_step)
-                rank = min(round(rank, 6), 1.0)
-            lp = LayerPlan(sparsity=sp, bits=bits, scheme=scheme, rank_ratio=rank)
+            infos = [self.layer(m) for m in members]
+            values: dict[str, Any] = {}
+            for spec in knobs_of("layer"):
+                ctx = SampleContext(self.knobs, self, infos, values)
+                values[spec.name] = spec.draw(trial, f"{key}.{spec.name}", ctx)
+            lp = LayerPlan(**values)
             for m in members:
                 layers[m] = lp
-        width, heads = 1.0, None
-        if self.knobs.width is not None:
-            width = round(trial.suggest_float("width", *k.width, step=k.width_step), 6)
-        if k.heads is not None and self.attention and not self.unknown_attention:
-            heads = round(trial.suggest_float("heads", *k.heads, step=k.width_step), 6)
-        elif self.unknown_attention and width < 1.0:
-            heads = 1.0  # their heads cannot be cut: shrink the feed-forward layers only
-        return Plan(layers=layers, width=width, heads=heads, finetune=self.finetune)
+        model: dict[str, Any] = {}
+        for spec in knobs_of("model"):
+            model[spec.name] = spec.draw(
+                trial, spec.name, SampleContext(self.knobs, self, (), model)
+            )
+        return Plan(layers=layers, finetune=self.finetune, **model)
 
     def uniform(self, **knobs: Any) -> Plan:
         """A uniform baseline plan over the non-excluded layers (pins still apply)."""
@@ -286,7 +232,7 @@ class CompressionSpace:
                 role = "pinned"
             elif layer.name not in groups:
                 role = "tied:" + next(g[0] for g in self.groups if layer.name in g)
-            knobs = ["sparsity", "bits"] + (["rank"] if layer.factorizable else [])
+            knobs = [s.label for s in knobs_of("layer") if s.label and s.offered(layer) is None]
             note = layer.note
             if layer.aliases:
                 tied = "tied: also " + ", ".join(layer.aliases)

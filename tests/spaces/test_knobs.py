@@ -1,0 +1,134 @@
+"""The knob registry is the one source of truth for knobs, their rules and their ranges.
+
+Adding a knob now touches: one ``register(KnobSpec(...))`` in ``spaces/_knobs.py``, its field on
+``LayerPlan`` (or ``Plan``), its range field on ``Knobs`` and ``KnobsConfig`` and the engine
+function applying it. The tests below fail when one of those places is forgotten or when two
+places disagree on a rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+from pydantic import ValidationError
+
+from autocompress.config import FinetuneConfig, KnobsConfig, LayerPin, parse_experiment
+from autocompress.errors import ConfigError, PlanError
+from autocompress.spaces import KNOBS, FinetuneSettings, Knobs, KnobSpec, LayerPlan, Plan
+from autocompress.spaces._knobs import PHASES, STEP_MAX, knobs_of, register
+from autocompress.spaces._plan import FINETUNE_BOUNDS
+
+
+def test_every_plan_knob_is_registered_once() -> None:
+    assert [s.name for s in knobs_of("layer")] == [f.name for f in fields(LayerPlan)]
+    model_fields = {f.name for f in fields(Plan)} - {"layers", "finetune"}
+    assert {s.name for s in knobs_of("model")} == model_fields
+    assert all(s.phase in PHASES for s in KNOBS.values())
+    with pytest.raises(PlanError, match="registered twice"):
+        register(KnobSpec("bits", "layer", 32, "quantize", "bad"))
+
+
+def test_defaults_are_the_identity_and_valid() -> None:
+    lp, plan = LayerPlan(), Plan()
+    for spec in KNOBS.values():
+        assert spec.allows(spec.default), spec.name
+        owner = lp if spec.scope == "layer" else plan
+        assert getattr(owner, spec.name) == spec.default
+    assert lp.is_identity and plan.is_identity
+    assert LayerPin().model_dump() == {s.name: s.default for s in knobs_of("layer")}
+
+
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("sparsity", 1.0),
+        ("sparsity", True),
+        ("bits", 9),
+        ("bits", True),
+        ("scheme", "fancy"),
+        ("rank_ratio", 0.0),
+        ("rank_ratio", math.nan),
+        ("width", 1.5),
+        ("heads", 0.0),
+    ],
+)
+def test_plan_validation_is_the_registry_rule(name: str, bad: object) -> None:
+    spec = KNOBS[name]
+    assert not spec.allows(bad)
+    with pytest.raises(PlanError) as e:
+        LayerPlan(**{name: bad}) if spec.scope == "layer" else Plan(**{name: bad})
+    assert str(e.value) == spec.problem(bad) and "\n" not in str(e.value)
+
+
+def test_searched_ranges_are_checked_by_the_registry() -> None:
+    for spec in KNOBS.values():
+        assert spec.range_key is not None and hasattr(Knobs(), spec.range_key), spec.name
+        assert spec.step_key is None or hasattr(Knobs(), spec.step_key)
+    with pytest.raises(PlanError, match=r"knob heads=\(0.0, 1.0\): give \[low, high\]"):
+        Knobs(heads=(0.0, 1.0))
+    with pytest.raises(PlanError, match="lower bound"):
+        Knobs(width=(0.9, 0.5))
+    with pytest.raises(PlanError, match="knob bits"):
+        Knobs(bits=(4, 9))
+    with pytest.raises(PlanError, match="width_step"):
+        Knobs(width_step=STEP_MAX + 0.1)
+
+
+def test_yaml_knobs_are_the_space_knobs() -> None:
+    """KnobsConfig has Knobs' fields and defaults, and refuses what Knobs refuses."""
+    assert list(KnobsConfig.model_fields) == [f.name for f in fields(Knobs)]
+    dumped = KnobsConfig().model_dump()
+    assert {n: tuple(v) if isinstance(v, list) else v for n, v in dumped.items()} == {
+        f.name: getattr(Knobs(), f.name) for f in fields(Knobs)
+    }
+    for key, bad in [("heads", [0.0, 1.0]), ("sparsity", [0.0, 1.0]), ("width_step", 0.6)]:
+        with pytest.raises(PlanError):
+            Knobs(**{key: tuple(bad) if isinstance(bad, list) else bad})
+        with pytest.raises(ConfigError, match=f"space.knobs.{key}"):
+            parse_experiment({"task": "t", "space": {"knobs": {key: bad}}})
+    with pytest.raises(ConfigError, match="heads: lower bound"):
+        parse_experiment({"task": "t", "space": {"knobs": {"heads": [0.9, 0.5]}}})
+
+
+def _probes(name: str) -> list[object]:
+    b = FINETUNE_BOUNDS[name]
+    edges = [x for x in (b.ge, b.gt, b.le) if x is not None]
+    out: list[object] = [True, False, None, "1", 0, 1, -1]
+    for x in edges:
+        out += [x, x - 1, x + 1, x - 0.5, x + 0.5, float(x)]
+    return out
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(FinetuneSettings)])
+def test_finetune_yaml_and_plan_rules_agree(name: str) -> None:
+    """FinetuneConfig and FinetuneSettings read one table (FINETUNE_BOUNDS): same default,
+    and a value the plan refuses is refused in YAML too."""
+    assert name in FINETUNE_BOUNDS and set(FINETUNE_BOUNDS) == set(FinetuneConfig.model_fields)
+    assert getattr(FinetuneConfig(), name) == getattr(FinetuneSettings(), name)
+    for v in _probes(name):
+        try:
+            FinetuneSettings(**{name: v})
+            plan_ok = True
+        except PlanError as e:
+            plan_ok = False
+            assert str(e).startswith(f"finetune.{name}=")
+        try:
+            yaml_v = getattr(FinetuneConfig(**{name: v}), name)
+            yaml_ok = True
+        except ValidationError:
+            yaml_ok = False
+        if plan_ok:  # what a plan accepts, a YAML file accepts
+            assert yaml_ok, (name, v)
+        if yaml_ok:  # pydantic may coerce "1" or 1.0 to the type; the coerced value is valid
+            FinetuneSettings(**{name: yaml_v})
+
+
+def test_describe_lists_the_offered_knobs_from_the_registry() -> None:
+    from autocompress.spaces import CompressionSpace
+    from autocompress.tasks._models import DigitsMLP
+
+    space = CompressionSpace.from_model(DigitsMLP())
+    assert {r["knobs"] for r in space.describe()} == {"sparsity,bits,rank"}
+    assert KNOBS["rank_ratio"].offered(space.layers[0]) is None
