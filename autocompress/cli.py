@@ -189,6 +189,10 @@ def run(
         str | None, typer.Option(help="Override search.sampler: tpe, nsga2, gp or random.")
     ] = None,
     time_budget: Annotated[float | None, typer.Option(help="Seconds for the whole search.")] = None,
+    refine: Annotated[
+        int | None,
+        typer.Option(help="Override search.refine: screen cheaply, then fine-tune the K best."),
+    ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run in --run-dir.")] = False,
     run_dir: Annotated[Path | None, typer.Option(help="Override the run directory.")] = None,
@@ -210,6 +214,7 @@ def run(
             seed=seed,
             sampler=sampler,
             time_budget=time_budget,
+            refine=refine,
             address=address,
             run_dir=str(run_dir) if run_dir else None,
         )
@@ -248,6 +253,8 @@ def run(
             device=s.device,
             max_failures=s.max_failures,
             early_stop=EarlyStop(**s.early_stop.model_dump()) if s.early_stop else False,
+            refine=s.refine,
+            screen_steps=s.screen_steps,
             verbose=verbose,
         )
     except AutocompressError as e:

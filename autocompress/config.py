@@ -155,6 +155,8 @@ class SearchConfig(_Strict):
     address: str | None = None
     baselines: bool = True
     early_stop: EarlyStopConfig | None = None
+    refine: int = Field(0, ge=0, description="calibration-only trials, then fine-tune the K best")
+    screen_steps: int = Field(0, ge=0, description="optimizer steps of a screening trial (0: none)")
 
     @field_validator("early_stop", mode="before")
     @classmethod

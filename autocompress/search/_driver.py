@@ -180,6 +180,8 @@ def run(
     device: str = "cpu",
     max_failures: int = 0,
     early_stop: bool | EarlyStop = False,
+    refine: int = 0,
+    screen_steps: int = 0,
     progress: bool = True,
     verbose: bool = False,
 ) -> SearchResult:
@@ -220,7 +222,10 @@ def run(
     with that score and ``early_stopped``); off by default, see docs/search-quality.md.
     ``run_dir`` must be writable with room for the run (checked before anything starts). See
     docs/reliability.md. ``device="cuda"`` fine-tunes each candidate on the GPU share Ray
-    assigns to the trial (``gpus_per_trial``).
+    assigns to the trial (``gpus_per_trial``). ``refine=K`` screens: the ``trials`` budget runs
+    plans that only calibrate (no fine-tune, or ``screen_steps`` optimizer steps), then the K
+    most promising ones (the val front, spread along it) are re-run with the space's full
+    fine-tune as trials of their own (``refined_from``); the front is over all trials.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -238,6 +243,9 @@ def run(
         early_stop = None
     elif not isinstance(early_stop, EarlyStop):
         raise ConfigError(f"early_stop={early_stop!r}: use True, False or an EarlyStop(...)")
+    for name, v in (("refine", refine), ("screen_steps", screen_steps)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{name}={v!r} must be an integer >= 0 (0: off)")
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r} is unknown: use 'cpu' or 'cuda'")
     if device == "cuda" and not gpus_per_trial:
@@ -294,6 +302,8 @@ def run(
             "baselines": points,
             "early_stop": None if early_stop is None else asdict(early_stop),
         }
+        if refine:  # only when on, so runs made before these settings existed still resume
+            settings.update(refine=refine, screen_steps=screen_steps)
         desc = {
             "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},
             "space": describe_space(space),

@@ -69,6 +69,7 @@ def trial_rows(
     extra = sorted({k for r in rows for k in r.get("values", {})} - set(value_names) - {"score"})
     value_names += extra + (["score"] if any("score" in r.get("values", {}) for r in rows) else [])
     early = any("early_stopped" in r for r in rows)
+    refined = any(r.get("refined_from") for r in rows)
     out = []
     for r in rows:
         ok = r["status"] == "COMPLETE"
@@ -90,6 +91,8 @@ def trial_rows(
         row["plan_json"] = r.get("plan_json") or ""
         if early:  # the epoch a hopeless fine-tune stopped at
             row["early_stopped"] = _num(r.get("early_stopped"))
+        if refined:  # the screened trial this one re-ran with the full fine-tune
+            row["refined_from"] = r.get("refined_from") or ""
         out.append(row)
     df = pd.DataFrame(out)
     if df.empty:

@@ -19,7 +19,9 @@ import shutil
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,83 @@ class TrialSettings:
     seed: int = 0
     device: str = "cpu"
     early_stop: EarlyStop | None = None
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """The task as the driver put it in Ray's object store once per run (a cheap handle).
+
+    ``ref`` is the ``ray.ObjectRef`` of the task (nested in this object, so Ray hands it over
+    unresolved); ``token`` names the run, so a worker process reused across trials (or runs)
+    knows whether the task it holds is this run's.
+    """
+
+    token: str
+    ref: Any
+
+
+@dataclass
+class WorkerCache:
+    """What a worker process keeps for one run: the task and the teacher's train outputs.
+
+    The teacher's outputs on the in-memory train split are computed on first use and reused by
+    every later trial of the run in this process (a streamed train split has none: the
+    fine-tune runs the teacher per batch).
+    """
+
+    task: Task
+    token: str = ""
+    _soft: Any = field(default=None, repr=False)
+    _soft_done: bool = False
+
+    def train_outputs(self) -> tuple[torch.Tensor | None, float]:
+        """The teacher's train outputs (or None when streamed) and the seconds spent now."""
+        if self._soft_done:
+            return self._soft, 0.0
+        from autocompress.compress._finetune import soft_targets
+
+        t0 = time.monotonic()
+        self._soft = soft_targets(self.task.teacher(), self.task)
+        self._soft_done = True
+        return self._soft, time.monotonic() - t0
+
+
+_CACHE: dict[str, WorkerCache] = {}
+"""This process's cache, ``{run token: WorkerCache}``; holds the current run only."""
+
+
+def worker_cache(shipment: Shipment) -> tuple[WorkerCache, float]:
+    """The cached task of ``shipment``'s run, fetched and deserialized on first use in this
+    process; returns it and the seconds that fetching took now (0.0 when cached).
+
+    Only one run is kept: a worker that moves to another run drops the previous task.
+    """
+    hit = _CACHE.get(shipment.token)
+    if hit is not None:
+        return hit, 0.0
+    import ray
+
+    t0 = time.monotonic()
+    task = ray.get(shipment.ref)
+    _CACHE.clear()
+    _CACHE[shipment.token] = hit = WorkerCache(task, shipment.token)
+    return hit, time.monotonic() - t0
+
+
+@contextmanager
+def _step_clock(marks: dict[str, float]) -> Iterator[None]:
+    """Record the time of the first optimizer step (``marks["first_step"]``) while active."""
+
+    def hook(*_: Any) -> None:
+        marks.setdefault("first_step", time.monotonic())
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class TrialFailure(RuntimeError):
@@ -196,11 +275,18 @@ def evaluate_plan(
     task: Task,
     objective: Objective,
     settings: TrialSettings,
+    cache: WorkerCache | None = None,
+    ship_s: float = 0.0,
 ) -> dict[str, Any]:
     """Compress, export and score one plan; always returns a record, COMPLETE or FAILED.
 
     ``trial_timeout`` is the fine-tune deadline (the best epoch so far is kept); a trial that
     still takes more than 1.5 x ``trial_timeout`` + 1 s in total is recorded as FAILED.
+    ``cache`` (a :class:`WorkerCache` of ``task``) reuses the teacher's train outputs across
+    trials. The record's ``timing`` splits the trial's seconds: ``ship_s`` (fetching the task,
+    given by the caller), ``teacher_outputs_s``, ``compress_s`` (to the first optimizer step,
+    or all of the compression without fine-tune), ``finetune_s``, ``export_s``,
+    ``evaluate_s``.
     """
     from autocompress import compress
     from autocompress.artifacts import export, write_metrics
@@ -224,6 +310,7 @@ def evaluate_plan(
         "duplicate_of": None,
         "started_at": started_at,
         "host": socket.gethostname(),
+        "pid": os.getpid(),
     }
 
     def check_time(step: str) -> None:
@@ -231,22 +318,37 @@ def evaluate_plan(
             took = time.monotonic() - start
             raise TrialFailure(f"{step} ended after {took:.1f}s, over trial_timeout={timeout}s")
 
+    timing = rec["timing"] = {"ship_s": ship_s}
+    cache = cache if cache is not None else WorkerCache(task)
     try:
         plan = Plan.from_json(plan_json)
         deadline = start + timeout if timeout is not None else None
-        model = compress.apply(
-            task.teacher(),
-            plan,
-            task,
-            seed=settings.seed,
-            deadline=deadline,
-            device=settings.device,
-            stop=_stopper(settings, objective, plan.finetune.epochs, rec),
-        )
+        soft = None
+        if plan.finetune.epochs > 0:
+            soft, timing["teacher_outputs_s"] = cache.train_outputs()
+        marks: dict[str, float] = {}
+        t0 = time.monotonic()
+        with _step_clock(marks):
+            model = compress.apply(
+                task.teacher(),
+                plan,
+                task,
+                seed=settings.seed,
+                deadline=deadline,
+                device=settings.device,
+                stop=_stopper(settings, objective, plan.finetune.epochs, rec),
+                teacher_outputs=soft,
+            )
+        t1 = time.monotonic()
+        first = marks.get("first_step", t1)
+        timing.update(compress_s=first - t0, finetune_s=t1 - first)
         check_time("compression")
         shutil.rmtree(art_dir, ignore_errors=True)  # left by an attempt before a restart
         art = export(model, plan, art_dir, task_spec=task.spec)
+        t2 = time.monotonic()
+        timing["export_s"] = t2 - t1
         values = objective.evaluate(model, art, task, "val", settings.reference)
+        timing["evaluate_s"] = time.monotonic() - t2
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:
             name = next(iter(bad))
@@ -322,6 +424,24 @@ class _Watchdog:
             os._exit(3)
 
 
+def stub_record(trial_id: str, plan_json: str) -> dict[str, Any]:
+    """A FAILED record of ``plan_json`` with no values yet (filled in by the caller)."""
+    return {
+        "trial_id": trial_id,
+        "plan_json": plan_json,
+        "status": "FAILED",
+        "reason": "",
+        "values": {},
+        "constraints": [],
+        "feasible": False,
+        "violation": math.inf,
+        "artifact": None,
+        "duplicate_of": None,
+        "started_at": time.time(),
+        "host": socket.gethostname(),
+    }
+
+
 def _finished_before(run_dir: str, trial_id: str, plan_json: str) -> dict[str, Any] | None:
     """This trial's own record, or an orphan of the same plan to adopt (both from a resume)."""
     old = read_record(run_dir, trial_id)
@@ -330,10 +450,51 @@ def _finished_before(run_dir: str, trial_id: str, plan_json: str) -> dict[str, A
     return adopt(run_dir, trial_id, plan_json)
 
 
+def guarded_evaluate(
+    trial_id: str,
+    plan_json: str,
+    shipment: Shipment,
+    objective: Objective,
+    settings: TrialSettings,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`evaluate_plan` with the task from :func:`worker_cache` under the hard-timeout
+    watchdog; ``extra`` fields go into the watchdog's FAILED record too."""
+    extra = dict(extra or {})
+    watchdog = None
+    if settings.trial_timeout is not None:
+        limit = HARD_TIMEOUT_FACTOR * settings.trial_timeout + HARD_TIMEOUT_GRACE
+        stub = {**stub_record(trial_id, plan_json), **extra}
+        stub.pop("status")
+        stub.pop("reason")
+        watchdog = _Watchdog(limit, stub, settings.run_dir, settings.trial_timeout)
+    try:
+        t0 = time.monotonic()
+        try:
+            cache, ship_s = worker_cache(shipment)
+        except Exception as exc:  # the task could not be fetched: this trial fails
+            rec = {**stub_record(trial_id, plan_json), "reason": _reason(exc)}
+            rec.update(duration_s=time.monotonic() - t0, finished_at=time.time())
+        else:
+            rec = evaluate_plan(plan_json, trial_id, cache.task, objective, settings, cache, ship_s)
+    finally:
+        if watchdog is not None:
+            watchdog.done.set()
+    return {**rec, **extra}
+
+
 def run_trial(
-    config: dict[str, Any], *, task: Task, objective: Objective, settings: TrialSettings
+    config: dict[str, Any],
+    *,
+    shipment: Shipment,
+    objective: Objective,
+    settings: TrialSettings,
 ) -> None:
-    """Ray Tune function trainable: one plan, one record, one report."""
+    """Ray Tune function trainable: one plan, one record, one report.
+
+    The task comes from ``shipment`` through this process's :func:`worker_cache`: a reused
+    worker deserializes it once per run, not once per trial.
+    """
     from ray import tune
 
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
@@ -353,19 +514,9 @@ def run_trial(
         rec.update(started_at=now, finished_at=now, host=socket.gethostname())
         rec.pop("adopted_from", None)
     else:
-        watchdog = None
-        if settings.trial_timeout is not None:
-            limit = HARD_TIMEOUT_FACTOR * settings.trial_timeout + HARD_TIMEOUT_GRACE
-            stub = {"trial_id": trial_id, "plan_json": plan_json, "params": params}
-            stub.update(values={}, constraints=[], feasible=False, violation=math.inf)
-            stub.update(artifact=None, duplicate_of=None, host=socket.gethostname())
-            stub["started_at"] = time.time()
-            watchdog = _Watchdog(limit, stub, settings.run_dir, settings.trial_timeout)
-        try:
-            rec = evaluate_plan(plan_json, trial_id, task, objective, settings)
-        finally:
-            if watchdog is not None:
-                watchdog.done.set()
+        rec = guarded_evaluate(
+            trial_id, plan_json, shipment, objective, settings, {"params": params}
+        )
     rec["params"] = params
     write_record(settings.run_dir, rec)
     tune.report(report_of(rec, names))

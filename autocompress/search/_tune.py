@@ -17,6 +17,8 @@ import json
 import logging
 import pickletools
 import shutil
+import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +28,15 @@ from autocompress.search._early import EarlyStop
 from autocompress.search._journal import study_storage
 from autocompress.search._trial import (
     ADOPT,
+    Shipment,
     TrialSettings,
+    guarded_evaluate,
     plan_key,
+    read_record,
     read_records,
     record_path,
     run_trial,
+    write_record,
 )
 from autocompress.spaces import CompressionSpace
 from autocompress.tasks import Task
@@ -89,7 +95,7 @@ def put_up_for_adoption(run_dir: Path, known: set[str]) -> list[dict[str, Any]]:
             claim.rename(pool / f"{plan_key(json.loads(claim.read_text())['plan_json'])}.json")
     for rec in read_records(run_dir).values():
         tid = rec["trial_id"]
-        if tid in known:
+        if tid in known or rec.get("refined_from"):  # refined trials are found by refine()
             continue
         slot = pool / f"{plan_key(rec['plan_json'])}.json"
         if rec.get("duplicate_of") or slot.exists() or not isinstance(rec.get("params"), dict):
@@ -139,6 +145,7 @@ def fit(
     otherwise a new one starts, seeded with the finished records (see the module docstring).
     """
     import optuna
+    import ray
     from ray import tune
 
     from autocompress.search._bookkeeping import TrimFinishedTrials
@@ -150,19 +157,23 @@ def fit(
     )
 
     trials = settings["trials"]
+    # the task (teacher + data) goes to the object store once; each worker process fetches it
+    # once per run (search/_trial.worker_cache), the trials get only this handle
+    shipment = Shipment(f"{run_dir}#{uuid.uuid4().hex}", ray.put(task))
+    trial_settings = TrialSettings(
+        run_dir=str(run_dir),
+        cpus_per_trial=settings["cpus_per_trial"],
+        trial_timeout=settings["trial_timeout"],
+        reference=reference,
+        seed=settings["seed"],
+        device=settings["device"],
+        early_stop=EarlyStop(**settings["early_stop"]) if settings.get("early_stop") else None,
+    )
+    full_space = space
+    if settings.get("refine"):  # the budget screens cheap plans; refine() fine-tunes the best
+        space = screening_space(space, int(settings.get("screen_steps") or 0))
     trainable = tune.with_parameters(
-        run_trial,
-        task=task,
-        objective=objective,
-        settings=TrialSettings(
-            run_dir=str(run_dir),
-            cpus_per_trial=settings["cpus_per_trial"],
-            trial_timeout=settings["trial_timeout"],
-            reference=reference,
-            seed=settings["seed"],
-            device=settings["device"],
-            early_stop=EarlyStop(**settings["early_stop"]) if settings.get("early_stop") else None,
-        ),
+        run_trial, shipment=shipment, objective=objective, settings=trial_settings
     )
     trainable = tune.with_resources(
         trainable, {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]}
@@ -235,7 +246,146 @@ def fit(
                 ),
             )
         grid = tuner.fit()
-    return _trials_of(grid)
+        out = _trials_of(grid)
+        interrupted = any(t.get("status") in UNFINISHED for t in out.values())
+        if settings.get("refine") and not interrupted:
+            args = (full_space, objective, shipment, trial_settings, settings)
+            out.update(refine(run_dir, out, *args))
+    return out
+
+
+def screening_space(space: CompressionSpace, steps: int) -> CompressionSpace:
+    """``space`` whose plans only calibrate: no fine-tune (``steps == 0``) or ``steps``
+    optimizer steps of the space's fine-tune settings.
+
+    Example:
+        >>> from autocompress.tasks import get_task
+        >>> from autocompress.spaces import Knobs
+        >>> space = CompressionSpace.from_model(get_task("digits-mlp").teacher(), Knobs())
+        >>> screening_space(space, 0).finetune.epochs, screening_space(space, 20).finetune.max_steps
+        (0, 20)
+    """
+    ft = space.finetune
+    cheap = replace(ft, max_steps=steps) if steps > 0 else replace(ft, epochs=0)
+    return replace(space, finetune=cheap)
+
+
+def pick_promising(
+    records: dict[str, dict[str, Any]], objective: Objective, k: int
+) -> list[dict[str, Any]]:
+    """The ``k`` most promising screened trials: the Pareto front (on val) of the COMPLETE
+    non-duplicate records, spread evenly along it (sorted by the first metric); when the front
+    is smaller than ``k``, the next front (the front of the rest), and so on. Feasible records
+    come first; infeasible ones follow, because a calibration-only candidate usually misses an
+    accuracy constraint that its fine-tune will meet.
+    """
+    ok = [
+        r
+        for r in records.values()
+        if r["status"] == "COMPLETE"
+        and not r.get("duplicate_of")
+        and all(n in r.get("values", {}) for n in objective.names)
+    ]
+    chosen: list[dict[str, Any]] = []
+    for feasible in (True, False):
+        pool = [r for r in ok if bool(r.get("feasible")) == feasible]
+        chosen += _peel(pool, objective, k - len(chosen))
+    return chosen
+
+
+def _peel(pool: list[dict[str, Any]], objective: Objective, k: int) -> list[dict[str, Any]]:
+    """Up to ``k`` records of ``pool``, front by front, spread along each front."""
+    import numpy as np
+
+    from autocompress.search._pareto import non_dominated
+
+    first = objective.metrics[0]
+    chosen: list[dict[str, Any]] = []
+    while pool and len(chosen) < k:
+        vals = np.array([[float(r["values"][n]) for n in objective.names] for r in pool])
+        mask = non_dominated(vals, objective.directions)
+        layer = [r for r, m in zip(pool, mask, strict=True) if m]
+        layer.sort(
+            key=lambda r: (float(r["values"][first.name]), r["trial_id"]),
+            reverse=first.direction == "maximize",
+        )
+        want = min(k - len(chosen), len(layer))
+        idx = sorted({round(i) for i in np.linspace(0, len(layer) - 1, want)})
+        chosen += [layer[i] for i in idx]
+        pool = [r for r, m in zip(pool, mask, strict=True) if not m]
+    return chosen
+
+
+def refine_id(trial_id: str) -> str:
+    """The trial id of the refined re-run of screened trial ``trial_id``."""
+    return f"{trial_id}_refined"
+
+
+def refine(
+    run_dir: Path,
+    tune_trials: dict[str, dict[str, Any]],
+    space: CompressionSpace,
+    objective: Objective,
+    shipment: Shipment,
+    trial_settings: TrialSettings,
+    settings: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Re-run the ``settings["refine"]`` most promising screened plans with the space's full
+    fine-tune settings, ``settings["workers"]`` at a time on the Ray cluster.
+
+    Each re-run is a trial of its own (id ``<screened id>_refined``, record field
+    ``refined_from``); a refined record already on disk (a resumed run) is kept, not redone.
+    Returns ``{trial_id: {error, plan_json, status}}`` entries for the trials table.
+    """
+    import ray
+
+    from autocompress.spaces import Plan
+
+    records = read_records(run_dir)
+    screened = {t: r for t, r in records.items() if t in tune_trials and not r.get("refined_from")}
+    jobs = []
+    for rec in pick_promising(screened, objective, int(settings["refine"])):
+        plan = Plan.from_json(rec["plan_json"]).replace(finetune=space.finetune)
+        jobs.append((refine_id(rec["trial_id"]), plan.to_json(), rec["trial_id"]))
+    out = {tid: {"error": None, "plan_json": pj, "status": "TERMINATED"} for tid, pj, _ in jobs}
+    todo = [j for j in jobs if read_record(run_dir, j[0]) is None]
+    remote = ray.remote(_refine_remote).options(
+        num_cpus=settings["cpus_per_trial"],
+        num_gpus=settings["gpus_per_trial"] or None,
+        max_retries=0,
+    )
+    running: dict[Any, tuple[str, str, str]] = {}
+    while todo or running:
+        while todo and len(running) < max(1, int(settings["workers"])):
+            tid, pj, orig = todo.pop(0)
+            ref = remote.remote(tid, pj, orig, shipment, objective, trial_settings)
+            running[ref] = (tid, pj, orig)
+        done, _ = ray.wait(list(running), num_returns=1)
+        tid, pj, orig = running.pop(done[0])
+        try:
+            ray.get(done[0])
+        except Exception as e:  # the worker died (watchdog or crash): keep its record if any
+            if read_record(run_dir, tid) is None:
+                out[tid]["error"] = _error_reason(e)
+    return out
+
+
+def _refine_remote(
+    trial_id: str,
+    plan_json: str,
+    refined_from: str,
+    shipment: Shipment,
+    objective: Objective,
+    settings: TrialSettings,
+) -> str:
+    """One refined trial in a Ray worker: evaluate, write the record, return its status."""
+    import torch
+
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    extra = {"refined_from": refined_from, "params": {}}
+    rec = guarded_evaluate(trial_id, plan_json, shipment, objective, settings, extra)
+    write_record(settings.run_dir, rec)
+    return str(rec["status"])
 
 
 def _trials_of(grid: Any) -> dict[str, dict[str, Any]]:
