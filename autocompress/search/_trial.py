@@ -298,18 +298,8 @@ def evaluate_plan(
     run_dir = Path(settings.run_dir)
     art_dir = run_dir / "trials" / trial_id
     rec: dict[str, Any] = {
-        "trial_id": trial_id,
-        "plan_json": plan_json,
-        "status": "FAILED",
-        "reason": "",
-        "values": {},
-        "constraints": [],
-        "feasible": False,
-        "violation": math.inf,
-        "artifact": None,
-        "duplicate_of": None,
+        **stub_record(trial_id, plan_json),
         "started_at": started_at,
-        "host": socket.gethostname(),
         "pid": os.getpid(),
     }
 
