@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -195,7 +195,10 @@ def run(
     ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run in --run-dir.")] = False,
-    run_dir: Annotated[Path | None, typer.Option(help="Override the run directory.")] = None,
+    run_dir: Annotated[
+        str | None,
+        typer.Option(help="Override the run directory: a path or a URI (s3://bucket/prefix)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="Show Ray and Optuna logs.")] = False,
 ) -> None:
     """Search compression plans from an experiment file.
@@ -264,18 +267,31 @@ def run(
         from autocompress.report import write_report
 
         path = write_report(result.run_dir)
-        out.print(f"report: {path}")
+        if result.source:  # a run on object storage: the report goes there too
+            from autocompress.search._storage import Remote
+
+            Remote(result.source).push(result.run_dir, ["report.html", "plots"])
+            out.print(f"report: {result.source.split('?')[0].rstrip('/')}/report.html ({path})")
+        else:
+            out.print(f"report: {path}")
     except ImportError:
         pass
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")]) -> None:
-    """Write report.html and plots for a run directory."""
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory or its URI.")],
+) -> None:
+    """Write report.html and plots for a run directory (or a run on object storage)."""
     from autocompress.report import write_report
+    from autocompress.search._storage import is_uri, open_run
 
     try:
-        path = write_report(run_dir)
+        local, remote = open_run(run_dir) if is_uri(run_dir) else (Path(run_dir), None)
+        path: Any = write_report(local)
+        if remote is not None:
+            remote.push(local, ["report.html", "plots"])
+            path = f"{remote.uri.split('?')[0].rstrip('/')}/report.html ({path})"
     except AutocompressError as e:
         _fail(e)
     out.print(f"report: {path}")
@@ -283,7 +299,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run director
 
 @app.command()
 def trials(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory or its URI.")],
     front: Annotated[bool, typer.Option(help="Only the Pareto front.")] = False,
 ) -> None:
     """List a run's trials (ids for export, status, metrics)."""
@@ -308,7 +324,7 @@ def trials(
 
 @app.command("export")
 def export_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    run_dir: Annotated[str, typer.Argument(help="A finished run directory or its URI.")],
     trial: Annotated[
         str, typer.Option(help="Trial id (list them with: autocompress trials RUN_DIR).")
     ],

@@ -35,3 +35,42 @@ class TrimFinishedTrials(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         trim(trial)
+
+
+JOURNAL_PUSH_S = 30.0
+"""The study journal is uploaded at most this often while a run on object storage runs (and
+always at its end): resume never needs it (records are the source of truth), dashboards do."""
+
+
+class SyncRemoteRun(Callback):
+    """Tune callback of a run on object storage: the record of every trial that reports (or
+    errors) is pulled into the driver's mirror, and the study journal is pushed now and then.
+
+    Placed before the progress callback, which reads records from the mirror.
+    """
+
+    def __init__(self, uri: str, mirror: str) -> None:
+        self.uri, self.mirror = uri, mirror
+        self._pushed = 0.0
+
+    def _sync(self, trial: Any) -> None:
+        import time
+        from pathlib import Path
+
+        from autocompress.search._common import STUDY_FILE
+        from autocompress.search._storage import Remote
+
+        remote = Remote(self.uri)
+        remote.pull_record(Path(self.mirror), str(trial.trial_id))
+        if time.monotonic() - self._pushed > JOURNAL_PUSH_S:
+            remote.push(Path(self.mirror), [STUDY_FILE])
+            self._pushed = time.monotonic()
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        if result.get("status") in ("COMPLETE", "FAILED"):
+            self._sync(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._sync(trial)

@@ -141,7 +141,11 @@ def check_run_dir(run_dir: Any, resume: bool) -> Path:
         raise ConfigError(f"run_dir={run_dir!r} is invalid: give a directory path")
     if not isinstance(resume, bool):
         raise ConfigError(f"resume={resume!r} must be True or False")
-    rd = Path(run_dir).expanduser().resolve()
+    from autocompress.search._storage import locate
+
+    rd = locate(run_dir)  # a URI that lost a slash (s3:/bucket) is refused, not made a folder
+    if not isinstance(rd, Path):  # callers handle URIs (search/_storage.py) before this
+        raise ConfigError(f"run_dir {str(run_dir)!r} is a URI: not a local directory")
     if rd.exists() and not rd.is_dir():
         raise ConfigError(f"run_dir {str(rd)!r} is a file: choose a directory")
     check_not_in_use(rd)
@@ -312,16 +316,25 @@ def preflight(
     task_spec: str,
     objective: Objective,
     settings: dict[str, Any],
-) -> Path:
+) -> Path | str:
     """The run-dir and resume checks that need no task: run before any task code runs.
 
     With ``resume``, the task spec, the objective and ``trials``/``sampler``/``seed`` of
     ``settings`` must match the run's ``run.json`` (the space is compared later, by
     :func:`check_resume`, since it needs the model).
     """
-    rd = check_run_dir(run_dir, resume)
-    if resume and (rd / "run.json").is_file():
-        old = json.loads((rd / "run.json").read_text())
+    from autocompress.search._storage import Remote, locate
+
+    loc = locate(run_dir)
+    if isinstance(loc, Remote):  # contacted now: a bad bucket or endpoint is one line
+        loc.check_access()
+        old = loc.read_json("run.json") if loc.check_use(resume, clean=False) else None
+        rd: Any = loc.uri
+    else:
+        rd = check_run_dir(run_dir, resume)
+        started = resume and (rd / "run.json").is_file()
+        old = json.loads((rd / "run.json").read_text()) if started else None
+    if resume and old is not None:
         if old.get("task", {}).get("spec") != task_spec:
             raise ConfigError(
                 f"resume: task {task_spec!r} differs from {old.get('task', {}).get('spec')!r}, "

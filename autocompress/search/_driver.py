@@ -9,12 +9,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from autocompress.search._ray import (
     start_ray,
 )
 from autocompress.search._result import SearchResult
+from autocompress.search._storage import Remote, locate
 from autocompress.spaces import CompressionSpace, Plan
 from autocompress.tasks import Task
 
@@ -266,6 +269,8 @@ def run(
         gpus_per_trial=gpus_per_trial,
         max_failures=max_failures,
     )
+    loc = locate(run_dir) if isinstance(run_dir, str | os.PathLike) else None
+    remote = loc if isinstance(loc, Remote) else None  # an unknown scheme: refused above
     from autocompress.search._searcher import (
         baseline_params,
         default_baselines,
@@ -282,8 +287,13 @@ def run(
     if address is not None and not ray.is_initialized():
         probe(address)
     teacher_bytes = 4 * sum(p.numel() for p in task.build_model().parameters())
-    lock = RunLock.acquire(check_run_dir(run_dir, resume))  # one driver per run_dir
+    if remote is not None:  # a missing bucket, refused credentials, no endpoint: one line now
+        remote.check_access()
+    # one driver per run_dir (for a URI: per local mirror of it, see search/_storage.py)
+    lock = RunLock.acquire(remote.mirror() if remote else check_run_dir(run_dir, resume))
     try:
+        if remote is not None:
+            run_dir = remote.start_mirror(resume)
         rd = prepare_run_dir(run_dir, resume, space_needed(teacher_bytes, trials))
         resume = resume and (rd / "run.json").is_file()  # False: killed before it really started
         settings = {
@@ -323,6 +333,8 @@ def run(
                 run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
                 run_json["teacher"] = teacher
                 _write_json(rd / "run.json", run_json)
+            if remote is not None and not resume:  # run.json last: the run has started
+                remote.push(rd, ["teacher", "run.json"])
             cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
             started = start_ray(address, cpus, verbose)
             check_resources(cpus_per_trial, gpus_per_trial)
@@ -331,6 +343,10 @@ def run(
                 ray.shutdown()
             if not resume:  # leave no half-made run behind: the same call can simply be retried
                 clear_run_dir(rd)
+                if remote is not None:
+                    with contextlib.suppress(Exception):
+                        remote.delete("run.json")
+                        remote.delete("teacher")
             if isinstance(e, KeyboardInterrupt) and not isinstance(e, SearchInterrupted):
                 raise SearchInterrupted(
                     "interrupted before the search started; nothing was lost: run it again"
@@ -357,6 +373,7 @@ def run(
                     verbose,
                     resume,
                     quiet(verbose),
+                    storage_uri=remote.uri if remote else None,
                 )
         except KeyboardInterrupt:  # a second Ctrl-C: Tune's state was saved at the first
             raise SearchInterrupted(
@@ -374,6 +391,9 @@ def run(
         from autocompress.search._journal import sync_journal
 
         sync_journal(rd)
+        if remote is not None:  # every record the trials wrote, including unreported ones
+            shutil.rmtree(rd / "records", ignore_errors=True)
+            remote.download("records", rd / "records")
         from autocompress.search._finalize import finalize
 
         statuses = [t.get("status", "") for t in tune_trials.values()]
@@ -381,7 +401,7 @@ def run(
         interrupted = any(s in ("PENDING", "RUNNING", "PAUSED") for s in statuses) or (
             len(tune_trials) < trials and not over_time
         )
-        settings = {**settings, "run_dir": str(rd)}
+        settings = {**settings, "run_dir": str(remote or rd)}
         try:
             result = finalize(
                 rd,
@@ -394,7 +414,11 @@ def run(
                 time.monotonic() - t0,
                 interrupted=interrupted,
                 unadopted=unadopted(rd),
+                fetch=partial(remote.fetch_artifact, rd) if remote else None,
             )
+            if remote is not None:
+                remote.publish(rd, interrupted, keep_artifacts)
+                result = replace(result, source=remote.uri)
         except Exception as e:
             if why := disk_problem(e):
                 raise _disk_error(why, rd) from None

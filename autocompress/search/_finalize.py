@@ -7,7 +7,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,11 +161,13 @@ def finalize(
     wall_time_s: float,
     interrupted: bool = False,
     unadopted: int = 0,
+    fetch: Callable[[str, str], None] | None = None,
 ) -> SearchResult:
     """Build and write ``trials.csv``, ``pareto.csv`` and ``result.json``; return the result.
 
     ``interrupted``: the search was stopped (Ctrl-C / SIGTERM) before its budget; the tables
-    hold the trials so far and the message says how to resume.
+    hold the trials so far and the message says how to resume. ``fetch(trial_id, recorded)``
+    brings a front member's artifact into ``run_dir`` first (a run on object storage).
     """
     _remove_temporaries(run_dir)
     records = read_records(run_dir)
@@ -173,6 +175,8 @@ def finalize(
     mask = front_mask(df, objective.names, objective.directions)
     front = df.loc[mask, "trial_id"].astype(str).tolist() if len(df) else []
     recorded = dict(zip(df["trial_id"], df["artifact"], strict=True)) if len(df) else {}
+    for t in front if fetch is not None else ():
+        fetch(t, recorded.get(t, ""))
     tests = {
         t: _test_metrics(run_dir, t, recorded.get(t, ""), task, objective, reference) for t in front
     }

@@ -38,6 +38,9 @@ class SearchResult:
         objective: the objective's description (metrics, directions, constraints, weights).
         message: why the front is empty (e.g. no trial is feasible, naming the closest), or None.
         info: everything else in ``result.json`` (settings, counts, wall time).
+        source: the run's URI when it lives on object storage (``run_dir`` is then a local
+            copy: tables and front artifacts; other artifacts are downloaded when asked for),
+            else None.
 
     Example:
         >>> result = SearchResult.load("runs/latest")  # doctest: +SKIP
@@ -51,11 +54,23 @@ class SearchResult:
     objective: dict[str, Any]
     message: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
 
     # --- files -----------------------------------------------------------------------------
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str]) -> SearchResult:
-        """Reopen a finished run from ``trials.csv``, ``pareto.csv`` and ``result.json``."""
+        """Reopen a finished run from ``trials.csv``, ``pareto.csv`` and ``result.json``.
+
+        ``run_dir`` may be the URI of a run on object storage (``s3://bucket/run``): its
+        tables and front are downloaded to a local copy first.
+        """
+        from dataclasses import replace
+
+        from autocompress.search._storage import is_uri, open_run
+
+        if is_uri(run_dir):
+            local, remote = open_run(str(run_dir))
+            return replace(cls.load(local), source=remote.uri if remote else None)
         d = Path(run_dir)
         path = d / "result.json"
         if not d.is_dir():
@@ -112,6 +127,13 @@ class SearchResult:
         for p in places:
             if (p / "manifest.json").is_file():
                 return p
+        if self.source is not None:  # on object storage: download it
+            from autocompress.search._storage import Remote
+
+            Remote(self.source).fetch_artifact(self.run_dir, tid, recorded)
+            for p in places:
+                if (p / "manifest.json").is_file():
+                    return p
         kept = self.info.get("settings", {}).get("keep_artifacts", "pareto")
         raise AutocompressError(
             f"trial {trial_id!r} has no artifact on disk (status {rows.iloc[0]['status']}, "
@@ -218,7 +240,7 @@ class SearchResult:
         cons = "; ".join(self.objective["constraints"]) or "none"
         tv, tt = self.teacher.get("val", {}), self.teacher.get("test", {})
         lines = [
-            f"run {self.run_dir}: {len(t)} trials ({n_ok} complete, {n_fail} failed{stopped}), "
+            f"run {self.source or self.run_dir}: {len(t)} trials ({n_ok} complete, {n_fail} failed{stopped}), "
             f"{n_feas} feasible, front {len(self.pareto)}",
             f"teacher: accuracy {tv.get('accuracy', float('nan')):.4f} val / "
             f"{tt.get('accuracy', float('nan')):.4f} test, {self.teacher['size_bytes']:,} bytes",

@@ -30,6 +30,7 @@ import torch
 from autocompress.objectives import Objective, Reference
 from autocompress.search._common import CONSTRAINT_PREFIX
 from autocompress.search._early import EarlyStop
+from autocompress.search._storage import Remote, is_uri, scratch_dir
 from autocompress.tasks import Task
 
 FINISHED = ("COMPLETE", "FAILED")
@@ -149,8 +150,16 @@ def _load(path: Path) -> dict[str, Any] | None:
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
             return None
-        rec = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        return _parse(path.read_bytes())
+    except OSError:
+        return None
+
+
+def _parse(data: bytes | None) -> dict[str, Any] | None:
+    """The record in ``data``, or None if it is not JSON or not a record."""
+    try:
+        rec = json.loads(data) if data is not None else None
+    except ValueError:
         return None
     ok = isinstance(rec, dict) and rec.get("status") in FINISHED
     ok = ok and isinstance(rec.get("trial_id"), str) and isinstance(rec.get("plan_json"), str)
@@ -159,8 +168,15 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def read_record(run_dir: str | Path, trial_id: str) -> dict[str, Any] | None:
-    """The record of ``trial_id``, or None if there is none (or it is unreadable)."""
-    rec = _load(record_path(run_dir, trial_id))
+    """The record of ``trial_id``, or None if there is none (or it is unreadable).
+
+    ``run_dir`` may be a URI (a run on object storage, see ``search/_storage.py``).
+    """
+    if is_uri(run_dir):
+        data = Remote(str(run_dir)).read_bytes(f"records/{trial_id}.json", MAX_RECORD_BYTES)
+        rec = _parse(data)
+    else:
+        rec = _load(record_path(run_dir, trial_id))
     return rec if rec is not None and rec["trial_id"] == trial_id else None
 
 
@@ -190,7 +206,11 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_record(run_dir: str | Path, record: dict[str, Any]) -> None:
-    """Atomically write a record (temp file + fsync + rename)."""
+    """Atomically write a record (temp file + fsync + rename; one object on object storage)."""
+    if is_uri(run_dir):
+        data = json.dumps(record, sort_keys=True, allow_nan=True).encode()
+        Remote(str(run_dir)).write_bytes(f"records/{record['trial_id']}.json", data)
+        return
     _write_json(record_path(run_dir, record["trial_id"]), record)
 
 
@@ -206,6 +226,8 @@ def adopt(run_dir: str | Path, trial_id: str, plan_json: str) -> dict[str, Any] 
     never adopt the same record. The adopted record keeps its values, times and artifact
     directory; it gets this trial's id and ``adopted_from``.
     """
+    if is_uri(run_dir):
+        return _adopt_remote(Remote(str(run_dir)), trial_id, plan_json)
     pool = Path(run_dir) / "records" / ADOPT
     slot = pool / f"{plan_key(plan_json)}.json"
     claim = pool / f".claim-{trial_id}.json"
@@ -222,6 +244,23 @@ def adopt(run_dir: str | Path, trial_id: str, plan_json: str) -> dict[str, Any] 
     rec = {**old, "trial_id": trial_id, "adopted_from": old.get("adopted_from") or old["trial_id"]}
     write_record(run_dir, rec)
     claim.unlink(missing_ok=True)
+    return rec
+
+
+def _adopt_remote(remote: Remote, trial_id: str, plan_json: str) -> dict[str, Any] | None:
+    """:func:`adopt` on object storage: the claim is a copy-then-delete rename (not atomic
+    there); the searcher never gives one plan to two running trials, so no two claim it."""
+    slot = f"records/{ADOPT}/{plan_key(plan_json)}.json"
+    claim = f"records/{ADOPT}/.claim-{trial_id}.json"
+    if not remote.exists(slot) or not remote.move(slot, claim):
+        return None
+    old = _parse(remote.read_bytes(claim, MAX_RECORD_BYTES))
+    if old is None or old["plan_json"] != plan_json:
+        remote.delete(claim)
+        return None
+    rec = {**old, "trial_id": trial_id, "adopted_from": old.get("adopted_from") or old["trial_id"]}
+    write_record(remote.uri, rec)
+    remote.delete(claim)
     return rec
 
 
@@ -286,7 +325,7 @@ def evaluate_plan(
     trials. The record's ``timing`` splits the trial's seconds: ``ship_s`` (fetching the task,
     given by the caller), ``teacher_outputs_s``, ``compress_s`` (to the first optimizer step,
     or all of the compression without fine-tune), ``finetune_s``, ``export_s``,
-    ``evaluate_s``.
+    ``evaluate_s`` and, for a run on object storage, ``upload_s``.
     """
     from autocompress import compress
     from autocompress.artifacts import export, write_metrics
@@ -295,8 +334,11 @@ def evaluate_plan(
     _warm_up()
     start, started_at = time.monotonic(), time.time()
     timeout = settings.trial_timeout
-    run_dir = Path(settings.run_dir)
-    art_dir = run_dir / "trials" / trial_id
+    remote = Remote(settings.run_dir) if is_uri(settings.run_dir) else None
+    if remote is None:
+        art_dir = Path(settings.run_dir) / "trials" / trial_id
+    else:  # exported here, then uploaded to <uri>/trials/<id> before the record is written
+        art_dir = scratch_dir() / trial_id
     rec: dict[str, Any] = {
         **stub_record(trial_id, plan_json),
         "started_at": started_at,
@@ -346,6 +388,11 @@ def evaluate_plan(
         check_time("evaluation")
         cv = objective.constraint_values(values)
         write_metrics(art_dir, values)
+        if remote is not None:
+            t3 = time.monotonic()
+            remote.delete(f"trials/{trial_id}")  # left by an attempt before a restart
+            remote.upload(art_dir, f"trials/{trial_id}")
+            timing["upload_s"] = time.monotonic() - t3
         rec.update(
             status="COMPLETE",
             values=values,
@@ -357,6 +404,9 @@ def evaluate_plan(
     except Exception as exc:  # recorded, never raised: a broken candidate is a result
         rec["reason"] = _reason(exc)
         shutil.rmtree(art_dir, ignore_errors=True)
+    finally:
+        if remote is not None:
+            shutil.rmtree(art_dir.parent, ignore_errors=True)
     rec["duration_s"] = time.monotonic() - start
     rec["finished_at"] = time.time()
     return rec

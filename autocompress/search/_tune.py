@@ -26,6 +26,7 @@ from autocompress.objectives import Objective, Reference
 from autocompress.search._common import STUDY_FILE, STUDY_NAME
 from autocompress.search._early import EarlyStop
 from autocompress.search._journal import study_storage
+from autocompress.search._storage import Remote, is_uri
 from autocompress.search._trial import (
     ADOPT,
     Shipment,
@@ -136,9 +137,14 @@ def fit(
     verbose: bool,
     resume: bool,
     quiet: contextlib.AbstractContextManager,
+    storage_uri: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the Tune experiment in ``run_dir/tune``; return ``{trial_id: {error, plan_json,
     status}}`` (``status``: Tune's trial status; PENDING/RUNNING means interrupted).
+
+    ``storage_uri``: the run lives on object storage and ``run_dir`` is the driver's local
+    mirror of it (``search/_storage.py``): trials read and write the URI, each trial's record
+    is pulled into the mirror when it reports, and Tune's own state stays in the mirror.
 
     Must be called with Ray initialized. With ``resume`` and a restorable experiment, the
     experiment (trials, searcher and sampler state) is restored with ``Tuner.restore``;
@@ -148,7 +154,7 @@ def fit(
     import ray
     from ray import tune
 
-    from autocompress.search._bookkeeping import TrimFinishedTrials
+    from autocompress.search._bookkeeping import SyncRemoteRun, TrimFinishedTrials
     from autocompress.search._progress import ProgressCallback
     from autocompress.search._searcher import (
         ConstrainedOptunaSearch,
@@ -160,8 +166,9 @@ def fit(
     # the task (teacher + data) goes to the object store once; each worker process fetches it
     # once per run (search/_trial.worker_cache), the trials get only this handle
     shipment = Shipment(f"{run_dir}#{uuid.uuid4().hex}", ray.put(task))
+    remote = Remote(storage_uri) if storage_uri else None
     trial_settings = TrialSettings(
-        run_dir=str(run_dir),
+        run_dir=storage_uri or str(run_dir),
         cpus_per_trial=settings["cpus_per_trial"],
         trial_timeout=settings["trial_timeout"],
         reference=reference,
@@ -184,6 +191,8 @@ def fit(
         tuner = None
         if known is not None:
             orphans = put_up_for_adoption(run_dir, known)
+            if remote is not None:  # the trials adopt from the URI's pool
+                remote.sync_records(run_dir)
             try:
                 storage = study_storage(run_dir)  # trims a cut last line, clears a stale lock
                 if orphans:  # proposed again first, then adopted by the trials that get them
@@ -198,6 +207,8 @@ def fit(
         if tuner is None:
             if resume:  # no usable Tune state: a new experiment that adopts every record
                 adopted = put_up_for_adoption(run_dir, set())
+                if remote is not None:
+                    remote.sync_records(run_dir)
                 shutil.rmtree(exp_dir, ignore_errors=True)
                 (run_dir / STUDY_FILE).unlink(missing_ok=True)
                 points = adopted + [p for p in points if p not in adopted]
@@ -217,6 +228,8 @@ def fit(
                 constraint_names=[str(c) for c in objective.constraints],
             )
             callbacks: list[Any] = [TrimFinishedTrials()]
+            if remote is not None:  # first: the progress line reads the pulled records
+                callbacks.insert(0, SyncRemoteRun(remote.uri, str(run_dir)))
             if progress:
                 callbacks.append(
                     ProgressCallback(
@@ -362,6 +375,8 @@ def refine(
             running[ref] = (tid, pj, orig)
         done, _ = ray.wait(list(running), num_returns=1)
         tid, pj, orig = running.pop(done[0])
+        if is_uri(trial_settings.run_dir):  # the refined record, into the driver's mirror
+            Remote(trial_settings.run_dir).pull_record(run_dir, tid)
         try:
             ray.get(done[0])
         except Exception as e:  # the worker died (watchdog or crash): keep its record if any
