@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from autocompress.compress._soft import teacher_outputs
 from autocompress.spaces._plan import FinetuneSettings
 from autocompress.tasks._base import Task
 from autocompress.tasks._batch import (
@@ -49,10 +50,9 @@ def _check_finite(loss_sum: torch.Tensor) -> None:
 
 def soft_targets(teacher: nn.Module, task: Task) -> torch.Tensor | None:
     """The teacher's selected outputs on the whole in-memory train split (CPU), or ``None`` when
-    the split is streamed (then they are computed per batch)."""
-    if full_batch(task.data("train")) is None:
-        return None
-    return task.predict(teacher, "train")
+    the split is streamed (then they are computed per batch). Over the memory budget they are
+    a tensor memory-mapped from a file (``compress/_soft.py``), indexed by rows the same way."""
+    return teacher_outputs(teacher, task)
 
 
 def streamed_train(task: Task) -> bool:
