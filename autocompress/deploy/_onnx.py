@@ -1,26 +1,42 @@
-"""``to_onnx``: the deployment form of a compressed model, fp32 or int8, whichever runs faster."""
+"""``to_onnx``: the deployment form of a compressed model (fp32, int8 or low-bit).
+
+Forms: ``fp32`` (the verified export), ``int8`` (ONNX Runtime dynamic quantization of the
+Linear layers with <= 8-bit uniform records, embeddings and other recorded weights low-bit as in
+``lowbit``) and ``lowbit`` (every recorded weight stored as its own codes:
+:mod:`autocompress.deploy._lowbit`; checked against the fp32 form before it is offered).
+``"auto"`` ships the fastest of the forms whose file is within :data:`SIZE_SLACK` of the
+smallest one, so a low-bit plan deploys as small as its artifact.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnx
 import torch
 from torch import nn
 
 from autocompress.artifacts._io import atomic_write
-from autocompress.deploy._export import export_fp32
+from autocompress.deploy._export import ATOL, RTOL, export_fp32, set_form
 from autocompress.deploy._int8 import int8_form
 from autocompress.deploy._latency import measure_latency
+from autocompress.deploy._lowbit import lowbit_form
 from autocompress.deploy._runtime import OnnxModel
 from autocompress.deploy._signature import tile_rows
 from autocompress.errors import AutocompressError
 from autocompress.tasks._batch import Inputs, batch_len
 
 INT8_CHOICES = ("auto", True, False)
-# An int8 form must beat fp32 by this factor to be chosen: on a tie, keep the exact fp32 form.
+FORMS = ("fp32", "int8", "lowbit")
+# A form must beat the reference form by this factor to be chosen: on a tie, keep the exact one.
 _MARGIN = 0.95
+SIZE_SLACK = 1.25
+"""``"auto"`` only ships a form whose file is at most this many times the smallest form's."""
+LOG = logging.getLogger("autocompress.deploy")
 
 
 def tile_batch(example: Inputs, batch: int) -> Inputs:
@@ -78,9 +94,13 @@ def deploy_forms(
     int8: bool = True,
     *,
     output: str | int | None = None,
+    lowbit: bool = True,
 ) -> dict[str, bytes]:
-    """Serialized ONNX forms of ``model``: ``fp32`` always, ``int8`` if asked for and it applies
-    (some Linear-type layer has uniform <= 8-bit weights). ``example_input`` and ``output``: see
+    """Serialized ONNX forms of ``model``: ``fp32`` always; ``int8`` if asked for and it applies
+    (some Linear-type layer has uniform <= 8-bit weights); ``lowbit`` if asked for and some
+    weight has a quantization record, and only when ONNX Runtime reproduces the fp32 form's
+    outputs on ``example_input`` within the export tolerance (else it is left out and the reason
+    logged on the ``autocompress.deploy`` logger). ``example_input`` and ``output``: see
     :func:`~autocompress.deploy.export_fp32`.
 
     Example:
@@ -89,10 +109,64 @@ def deploy_forms(
     """
     fp32 = export_fp32(model, example_input, output=output)
     out = {"fp32": fp32.SerializeToString()}
-    q = int8_form(fp32, model) if int8 else None
-    if q is not None:
-        out["int8"] = q.SerializeToString()
+    if int8:
+        q = int8_form(_copy(fp32), model)
+        if q is not None:
+            low, _ = lowbit_form(q, model)  # its embeddings and other weights as codes too
+            q = set_form(low, "int8") if low is not None else q
+            out["int8"] = q.SerializeToString()
+    if lowbit:
+        low, conv = lowbit_form(_copy(fp32), model)
+        for name, why in conv.kept.items():
+            LOG.info("low-bit ONNX form: %s stays fp32: %s", name, why)
+        if low is not None:
+            data = low.SerializeToString()
+            why = agreement(out["fp32"], data, example_input)
+            if why is None:
+                out["lowbit"] = data
+            else:
+                LOG.warning("low-bit ONNX form not offered: %s; fp32/int8 forms used", why)
     return out
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    c = onnx.ModelProto()
+    c.CopyFrom(proto)
+    return c
+
+
+def agreement(reference: bytes, candidate: bytes, example_input: Inputs) -> str | None:
+    """None when ``candidate`` reproduces ``reference`` (both serialized ONNX) on
+    ``example_input`` within the export tolerance (``ATOL``/``RTOL``), else why not."""
+    x = as_numpy(tile_batch(example_input, max(2, batch_len(example_input))))
+    try:
+        want = runner(OnnxModel(reference))(x)
+        got = runner(OnnxModel(candidate))(x)
+    except Exception as e:  # noqa: BLE001 - ORT raises private types; the form is unusable
+        return f"ONNX Runtime cannot run it ({type(e).__name__}: {' '.join(str(e).split())[:160]})"
+    for r, o in zip(want, got, strict=True):
+        atol = ATOL * max(1.0, float(np.abs(r).max()) if r.size else 1.0)
+        if r.shape != o.shape or not np.allclose(o, r, rtol=RTOL, atol=atol):
+            diff = float(np.abs(o - r).max()) if r.shape == o.shape else float("nan")
+            return f"its outputs differ from the fp32 form (max diff {diff:.3g})"
+    return None
+
+
+def form_sizes(forms: Mapping[str, bytes]) -> dict[str, int]:
+    """Bytes of each serialized form."""
+    return {k: len(v) for k, v in forms.items()}
+
+
+def small_forms(forms: Mapping[str, bytes], slack: float = SIZE_SLACK) -> list[str]:
+    """The forms whose file is at most ``slack`` times the smallest one's, smallest first.
+
+    Example:
+        >>> small_forms({"fp32": b"x" * 400, "int8": b"x" * 120, "lowbit": b"x" * 100})
+        ['lowbit', 'int8']
+    """
+    sizes = form_sizes(forms)
+    least = min(sizes.values())
+    return sorted((k for k, n in sizes.items() if n <= slack * least), key=lambda k: sizes[k])
 
 
 def fastest_form(
@@ -100,22 +174,44 @@ def fastest_form(
     inputs: Any,
     threads: int = 1,
     repeats: int = 7,
+    reference: str | None = None,
 ) -> str:
-    """The name of the fastest form on ``inputs`` (fp32 unless an int8 form is >5% faster).
+    """The name of the fastest form on ``inputs``: ``reference`` (default ``fp32`` when present,
+    else the first form given) unless another form is >5% faster.
 
     ``forms`` maps names to serialized ONNX or open :class:`OnnxModel` sessions.
     """
     if len(forms) == 1:
         return next(iter(forms))
+    ref = reference or ("fp32" if "fp32" in forms else next(iter(forms)))
     runners = {
         k: runner(f if isinstance(f, OnnxModel) else OnnxModel(f, threads=threads))
         for k, f in forms.items()
     }
     stats = measure_latency(runners, inputs, warmup=2, repeats=repeats, threads=threads)
     best = min(stats, key=lambda k: stats[k].median_ms)
-    if best != "fp32" and stats[best].median_ms > _MARGIN * stats["fp32"].median_ms:
-        return "fp32"
+    if best != ref and stats[best].median_ms > _MARGIN * stats[ref].median_ms:
+        return ref
     return best
+
+
+def choose_form(
+    forms: Mapping[str, bytes],
+    inputs: Any,
+    threads: int = 1,
+    sessions: Mapping[str, OnnxModel] | None = None,
+) -> str:
+    """What ``"auto"`` ships: among the forms within :data:`SIZE_SLACK` of the smallest file,
+    the fastest on ``inputs`` (the smallest unless another is >5% faster).
+
+    ``sessions`` may hold open sessions of some forms (reused for timing).
+    """
+    small = small_forms(forms)
+    if len(small) == 1:
+        return small[0]
+    given = dict(sessions or {})
+    cands = {k: given.get(k, forms[k]) for k in small}
+    return fastest_form(cands, inputs, threads=threads, reference=small[0])
 
 
 def to_onnx(
@@ -127,14 +223,17 @@ def to_onnx(
     batch_size: int = 256,
     threads: int = 1,
     output: str | int | None = None,
+    form: str | None = None,
 ) -> Path:
     """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
 
     The model is exported as is: a width-shrunk or factorized model has really smaller layers;
-    pruned weights stay dense (zeros). Linear-type layers quantized to <= 8 bits (uniform scheme,
-    per ``quant_records``) can run as int8 through ONNX Runtime dynamic quantization (their exact
-    per-channel codes as int8 weights, uint8 activations quantized at run time); other layers,
-    convolutions included, stay fp32.
+    pruned weights stay dense (zeros). Quantized weights (per ``quant_records``) are stored as
+    their own codes in the ``lowbit`` form (``MatMulNBits`` for Linear layers,
+    ``GatherBlockQuantized`` for embeddings, ``DequantizeLinear`` or a codebook ``Gather``
+    otherwise: the same weights as the torch model); Linear-type layers with <= 8-bit uniform
+    codes can also run as int8 through ONNX Runtime dynamic quantization (``int8`` form: uint8
+    activations quantized at run time, so outputs move slightly).
 
     Args:
         model: the (compressed) torch model; it is not modified.
@@ -143,14 +242,17 @@ def to_onnx(
             ``attention_mask`` ...; the ONNX inputs are named after the keys, and token inputs
             get a dynamic sequence axis).
         path: the ``.onnx`` file to write (atomically: temporary file, then rename).
-        int8: ``"auto"`` writes the int8 form if it runs >5% faster than fp32 at ``batch_size``
-            with ``threads`` threads, else fp32; ``True`` the int8 form (fp32 when it does not
-            apply); ``False`` always fp32.
+        int8: ``"auto"`` writes, among the forms whose file is within 1.25x of the smallest,
+            the fastest at ``batch_size`` with ``threads`` threads (the smallest unless another
+            is >5% faster); ``True`` the int8 form (fp32 when it does not apply); ``False``
+            always fp32.
         batch_size: the batch size ``"auto"`` optimizes for.
         threads: ONNX Runtime threads ``"auto"`` times with.
         output: which output the graph returns when the model answers with a dict,
             ``ModelOutput`` or tuple (a field name or index; default ``logits``, else
             ``last_hidden_state``, else the first tensor; a tensor or flat tuple whole).
+        form: ``"fp32"``, ``"int8"`` or ``"lowbit"`` to write that form (an error if it does not
+            apply to this model); overrides ``int8``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
@@ -168,7 +270,13 @@ def to_onnx(
     if not path.parent.is_dir():
         raise AutocompressError(f"directory {str(path.parent)!r} does not exist: create it first")
     data = onnx_form(
-        model, example_input, int8=int8, batch_size=batch_size, threads=threads, output=output
+        model,
+        example_input,
+        int8=int8,
+        batch_size=batch_size,
+        threads=threads,
+        output=output,
+        form=form,
     )
     atomic_write(path, data)
     return path
@@ -182,6 +290,7 @@ def onnx_form(
     batch_size: int = 256,
     threads: int = 1,
     output: str | int | None = None,
+    form: str | None = None,
 ) -> bytes:
     """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
 
@@ -192,10 +301,23 @@ def onnx_form(
     """
     if int8 not in INT8_CHOICES or (isinstance(int8, str) and int8 != "auto"):
         raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
-    forms = deploy_forms(model, example_input, int8=bool(int8), output=output)
-    if int8 == "auto":
+    if form is not None and form not in FORMS:
+        raise AutocompressError(f"form={form!r} is unknown: use one of {list(FORMS)} or None")
+    if form is not None:
+        forms = deploy_forms(
+            model, example_input, int8=form == "int8", output=output, lowbit=form == "lowbit"
+        )
+        if form not in forms:
+            raise AutocompressError(
+                f"the {form} form does not apply to this model (no quantized weight it can "
+                "carry, or it did not reproduce the fp32 form): use form=None"
+            )
+        return forms[form]
+    auto = int8 == "auto"
+    forms = deploy_forms(model, example_input, int8=bool(int8), output=output, lowbit=auto)
+    if auto:
         x = as_numpy(tile_batch(example_input, batch_size))
-        form = fastest_form(forms, x, threads=threads)
+        name = choose_form(forms, x, threads=threads)
     else:
-        form = "int8" if int8 and "int8" in forms else "fp32"
-    return forms[form]
+        name = "int8" if int8 and "int8" in forms else "fp32"
+    return forms[name]

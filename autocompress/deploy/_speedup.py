@@ -14,8 +14,8 @@ from autocompress.deploy._latency import LatencyStats, measure_latency, paired_r
 from autocompress.deploy._onnx import (
     Inputs,
     as_numpy,
+    choose_form,
     deploy_forms,
-    fastest_form,
     runner,
     tile_batch,
 )
@@ -109,7 +109,7 @@ def latency_and_speedup(
     (:func:`measure_latency`); the speedup is the median of per-round teacher/model ratios.
 
     * ``runtime="onnxruntime"``: the deployment form. The model is exported (:func:`to_onnx`'s
-      forms; with ``int8="auto"`` the fastest of fp32/int8 is chosen *per batch size*); an
+      forms; with ``int8="auto"`` the form ``to_onnx`` would ship is chosen *per batch size*); an
       :class:`OnnxModel` is timed as is. The teacher is exported fp32 once per process.
     * ``runtime="torch"``: eager PyTorch under ``torch.inference_mode``.
 
@@ -127,7 +127,8 @@ def latency_and_speedup(
     Returns:
         Floats keyed ``<name>@<batch>``: ``latency_ms``, ``latency_iqr_ms``, ``latency_cv``,
         ``teacher_latency_ms``, ``teacher_latency_iqr_ms``, ``teacher_latency_cv``, ``speedup``,
-        ``speedup_iqr`` and, for ONNX Runtime, ``int8`` (1.0 when the int8 form was used).
+        ``speedup_iqr`` and, for ONNX Runtime, ``int8`` / ``lowbit`` (1.0 when that form was
+        used).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))
@@ -161,18 +162,21 @@ def latency_and_speedup(
     if isinstance(model, OnnxModel):
         forms = {model.form: model}
     else:
-        raw = deploy_forms(model, example_batch, int8=bool(int8), output=output)
+        raw = deploy_forms(
+            model, example_batch, int8=bool(int8), output=output, lowbit=int8 == "auto"
+        )
         forms = {k: OnnxModel(v, threads=threads) for k, v in raw.items()}
     for b in batch_sizes:
         x = as_numpy(tile_batch(example_batch, b))
         if len(forms) == 1:
             form = next(iter(forms))
         elif int8 == "auto":
-            form = fastest_form(forms, x, threads=threads)
+            form = choose_form(raw, x, threads=threads, sessions=forms)
         else:
             form = "int8" if int8 and "int8" in forms else "fp32"
         cands = {"teacher": runner(ref), "model": runner(forms[form])}
         stats = measure_latency(cands, x, **settings)
         _summary(out, b, stats["model"], stats["teacher"])
         out[f"int8@{b}"] = 1.0 if form.startswith("int8") else 0.0
+        out[f"lowbit@{b}"] = 1.0 if form == "lowbit" else 0.0
     return out

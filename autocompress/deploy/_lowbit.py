@@ -1,0 +1,479 @@
+"""The low-bit ONNX form: weights stored as the artifact's own codes, run by ONNX Runtime kernels.
+
+The engine leaves every quantized weight *baked* (``code * scale`` or ``codebook[code]``, see
+:mod:`autocompress.compress._meta`), so its integer codes are recovered exactly from the weight
+and its :class:`~autocompress.compress.QuantRecord`: nothing is quantized again, and the ONNX
+graph computes the same weights as the PyTorch model. Each graph weight that is a recorded
+parameter (matched by value, so it works whichever exporter wrote the graph) is replaced by:
+
+* ``MatMul``/``Gemm`` with a constant weight, uniform 2..8-bit record ->
+  ``com.microsoft.MatMulNBits`` (ONNX Runtime's CPU kernel accepts 2, 4 and 8 bits: 3-bit codes
+  are held in 4-bit slots and 5..7-bit codes in 8-bit slots; codes shifted to unsigned with the
+  kernel's default zero point ``2**(bits-1)``). A group-wise record keeps its groups as blocks;
+  a per-channel record repeats the channel's scale over the blocks of its row, with the block
+  size chosen for the fewest bytes (codes with padding, plus fp32 scales; 16..256).
+* ``Gather`` on a constant table (an embedding), uniform record ->
+  ``com.microsoft.GatherBlockQuantized`` (4-bit slots up to 4 bits, 8-bit slots up to 8,
+  quantized along the last axis; a per-row record is one block covering the row).
+* Any other use of a recorded weight (convolutions, a weight the kernels refuse) ->
+  ``DequantizeLinear`` of int8 codes with the per-channel scales, and codebook weights -> a
+  ``Gather`` of the fp32 codebook on uint8 codes; both still stored at 1 byte per weight.
+
+Weights that cannot be converted stay fp32 and are named with the reason in the form's
+metadata (``autocompress.lowbit``, a JSON ``{parameter: how}``) and in the log. The caller
+(:func:`~autocompress.deploy.deploy_forms`) checks the form against the verified fp32 graph
+before shipping it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from torch import nn
+
+from autocompress.compress._meta import QuantRecord, quant_records
+from autocompress.deploy._export import set_form, set_meta
+
+LOG = logging.getLogger("autocompress.deploy")
+LOWBIT_KEY = "autocompress.lowbit"
+MS_DOMAIN = "com.microsoft"
+MIN_BLOCK, MAX_BLOCK = 16, 256
+MAX_BLOCK_2BIT = 256  # ONNX Runtime 1.32: "2-bit MatMulNBits block_size must not exceed 256"
+
+
+@dataclass
+class Coded:
+    """A recorded weight as (out, in) rows with its exact integer codes.
+
+    ``codes`` are signed uniform codes (``scale`` per row, or per ``group`` inputs) or codebook
+    indices (``codebook`` set); ``rows`` the fp32 weight with the output channels first.
+    """
+
+    name: str
+    rows: np.ndarray
+    codes: np.ndarray
+    bits: int
+    scale: np.ndarray | None = None  # (out,) or (out, ceil(in / group))
+    group: int = 0
+    codebook: np.ndarray | None = None
+    axis: int = 0
+    shape: tuple[int, ...] = ()
+
+
+@dataclass
+class Conversion:
+    """What the form did with each recorded weight: ``{parameter: how}``."""
+
+    done: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, str]:
+        return {**self.done, **{k: f"fp32: {v}" for k, v in self.kept.items()}}
+
+
+def _expand(scale: np.ndarray, group: int, n_in: int) -> np.ndarray:
+    """Per-weight scales of (out, in) rows."""
+    if scale.ndim == 1:
+        return scale[:, None]
+    return np.repeat(scale, group, axis=1)[:, :n_in]
+
+
+def code_weight(name: str, w: np.ndarray, rec: QuantRecord) -> Coded | str:
+    """The exact codes of ``w`` under ``rec``, or the reason they cannot be recovered.
+
+    Example:
+        >>> import torch
+        >>> rec = QuantRecord(4, "uniform", scale=torch.tensor([0.5, 0.25]))
+        >>> w = np.array([[1.0, -0.5], [0.25, 1.75]], np.float32)
+        >>> code_weight("fc.weight", w, rec).codes.tolist()
+        [[2, -1], [1, 7]]
+        >>> code_weight("fc.weight", w + 0.1, rec)
+        'its values are not code * scale of its record (is the model baked?)'
+    """
+    axis = int(getattr(rec, "axis", 0))
+    rows = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float32)
+    if rec.scheme == "uniform" and rec.scale is not None and rec.bits <= 8:
+        group = int(getattr(rec, "group", 0) or 0)
+        scale = rec.scale.detach().cpu().numpy().astype(np.float32)
+        want = (rows.shape[0],) if not group else (rows.shape[0], -(-rows.shape[1] // group))
+        if scale.shape != want:
+            return f"scale shape {scale.shape} does not fit the weight (expected {want})"
+        s = _expand(scale, group, rows.shape[1])
+        safe = np.where(s == 0, 1.0, s).astype(np.float32)
+        q = np.where(s == 0, 0.0, np.rint(rows / safe))
+        qmax = 2 ** (rec.bits - 1) - 1
+        if np.abs(q).max(initial=0) > qmax or not np.array_equal(
+            (q.astype(np.float32) * s).astype(np.float32), rows
+        ):
+            return "its values are not code * scale of its record (is the model baked?)"
+        c = Coded(name, rows, q.astype(np.int16), rec.bits, scale=scale, group=group)
+    elif rec.scheme == "codebook" and rec.codebook is not None and rec.bits <= 8:
+        book = rec.codebook.detach().cpu().numpy().astype(np.float32)
+        order = np.argsort(book, kind="stable")
+        pos = np.clip(np.searchsorted(book[order], rows), 0, len(book) - 1)
+        idx = order[pos]
+        if not np.array_equal(book[idx], rows):
+            return "its values are not entries of its codebook"
+        c = Coded(name, rows, idx.astype(np.int16), rec.bits, codebook=book)
+    else:
+        return f"{rec.scheme} {rec.bits}-bit weights have no low-bit ONNX form"
+    c.axis, c.shape = axis, tuple(w.shape)
+    return c
+
+
+def coded_weights(model: nn.Module) -> tuple[dict[tuple[int, int], list[Coded]], Conversion]:
+    """The recorded weights of ``model`` indexed by their (out, in) shape, and the ones that
+    cannot be coded (with the reason)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    conv = Conversion()
+    index: dict[tuple[int, int], list[Coded]] = defaultdict(list)
+    seen: dict[int, Coded] = {}
+    for name, rec in quant_records(model).items():
+        p = params.get(name)
+        if p is None or rec.scheme == "fp16":
+            continue
+        if id(p) in seen:  # a tied alias: one tensor, one entry
+            continue
+        c = code_weight(name, p.detach().cpu().numpy(), rec)
+        if isinstance(c, str):
+            conv.kept[name] = c
+            continue
+        seen[id(p)] = c
+        index[c.rows.shape].append(c)
+    return index, conv
+
+
+def _match(a: np.ndarray, index: dict[tuple[int, int], list[Coded]]) -> Coded | None:
+    """The coded weight whose (out, in) rows equal ``a`` (already oriented), if any."""
+    for c in index.get(tuple(a.shape), ()):  # type: ignore[arg-type]
+        if np.array_equal(c.rows, a):
+            return c
+    return None
+
+
+def _pack(u: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes (rows, n) packed little-endian along the last axis, ``8 // bits`` a byte."""
+    per = 8 // bits
+    u = u.reshape(u.shape[0], -1, per).astype(np.uint16)
+    out = np.zeros(u.shape[:2], np.uint16)
+    for i in range(per):
+        out |= u[:, :, i] << (bits * i)
+    return out.astype(np.uint8)
+
+
+def _slot_bits(bits: int) -> int:
+    return 2 if bits == 2 else (4 if bits <= 4 else 8)
+
+
+def _nbits_block(c: Coded, slot: int) -> int | None:
+    """MatMulNBits block size: the record's group, else the cheapest power of two."""
+    cap = MAX_BLOCK_2BIT if slot == 2 else MAX_BLOCK
+    if c.group:
+        return c.group if MIN_BLOCK <= c.group <= max(cap, MAX_BLOCK) else None
+    k = c.rows.shape[1]
+    best, cost = None, None
+    b = MIN_BLOCK
+    while b <= cap:
+        nb = -(-k // b)
+        size = nb * b * slot / 8 + nb * 4
+        if cost is None or size < cost:
+            best, cost = b, size
+        b *= 2
+    return best
+
+
+def _block_scales(c: Coded, block: int) -> np.ndarray:
+    """Scales (out, n_blocks): the group scales, or each channel's scale repeated per block."""
+    assert c.scale is not None
+    nb = -(-c.rows.shape[1] // block)
+    if c.scale.ndim == 2:
+        return c.scale
+    return np.repeat(c.scale[:, None], nb, axis=1)
+
+
+class _Graph:
+    """Mutable view of an ONNX graph: new initializers and nodes, unique names."""
+
+    def __init__(self, proto: onnx.ModelProto) -> None:
+        self.proto = proto
+        self.g = proto.graph
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.names = set(self.inits) | {o for n in self.g.node for o in n.output}
+        self.names |= {i.name for i in self.g.input}
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def const(self, base: str, a: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.g.initializer.append(numpy_helper.from_array(a, name))
+        return name
+
+    def drop_unused(self) -> None:
+        used = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
+        keep = [i for i in self.g.initializer if i.name in used]
+        del self.g.initializer[:]
+        self.g.initializer.extend(keep)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    for a in node.attribute:
+        if a.name == name:
+            return a.f if a.type == onnx.AttributeProto.FLOAT else a.i
+    return default
+
+
+def _matmul_nbits(gr: _Graph, c: Coded, a_in: str, out: str, tag: str) -> list[onnx.NodeProto]:
+    slot = _slot_bits(c.bits)
+    block = _nbits_block(c, slot)
+    if block is None:
+        raise _Refused(f"group {c.group} is not a block size MatMulNBits accepts")
+    n, k = c.rows.shape
+    nb = -(-k // block)
+    zp = 2 ** (slot - 1)
+    u = np.full((n, nb * block), zp, np.uint8)
+    u[:, :k] = (c.codes + zp).astype(np.uint8)
+    packed = _pack(u, slot).reshape(n, nb, block * slot // 8)
+    b = gr.const(f"{tag}_q{slot}", packed)
+    s = gr.const(f"{tag}_scales", _block_scales(c, block).astype(np.float32).reshape(-1))
+    node = helper.make_node(
+        "MatMulNBits",
+        [a_in, b, s],
+        [out],
+        name=gr.fresh(f"{tag}_MatMulNBits"),
+        domain=MS_DOMAIN,
+        K=k,
+        N=n,
+        bits=slot,
+        block_size=block,
+    )
+    how = f"MatMulNBits {slot}-bit, block {block}" + (f" (group {c.group})" if c.group else "")
+    return [node], how
+
+
+def _gather_bq(gr: _Graph, c: Coded, idx: str, out: str, tag: str):
+    assert c.scale is not None
+    v, d = c.rows.shape
+    slot = 4 if c.bits <= 4 and d % 2 == 0 else 8
+    if c.group:
+        block = c.group
+    else:
+        block = MIN_BLOCK
+        while block < d:
+            block *= 2
+    zp = 2 ** (slot - 1)
+    u = (c.codes + zp).astype(np.uint8)
+    data = gr.const(f"{tag}_q{slot}", _pack(u, 4) if slot == 4 else u)
+    scales = c.scale if c.scale.ndim == 2 else c.scale[:, None]
+    s = gr.const(f"{tag}_scales", scales.astype(np.float32))
+    node = helper.make_node(
+        "GatherBlockQuantized",
+        [data, idx, s],
+        [out],
+        name=gr.fresh(f"{tag}_GatherBlockQuantized"),
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block,
+        bits=slot,
+    )
+    how = f"GatherBlockQuantized {slot}-bit, block {block}" + (
+        f" (group {c.group})" if c.group else ""
+    )
+    return [node], how
+
+
+def _dequantized(gr: _Graph, c: Coded, layout: str | tuple[int, ...], out: str, tag: str):
+    """Nodes computing the fp32 weight from 1-byte codes, in its graph ``layout``: ``"rows"``
+    (out, in), ``"t"`` (in, out: a MatMul's), or a shape the rows reshape to (a convolution's)."""
+
+    def arrange(a: np.ndarray) -> np.ndarray:
+        if layout == "t":
+            a = a.T
+        elif layout != "rows":
+            a = a.reshape(layout)
+        return np.ascontiguousarray(a)
+
+    nodes = []
+    if c.codebook is not None:
+        ci = gr.const(f"{tag}_codes", arrange(c.codes.astype(np.uint8)))
+        book = gr.const(f"{tag}_codebook", c.codebook.astype(np.float32))
+        cast = gr.fresh(f"{tag}_codes_i32")
+        nodes.append(helper.make_node("Cast", [ci], [cast], to=onnx.TensorProto.INT32))
+        nodes.append(helper.make_node("Gather", [book, cast], [out], axis=0))
+        return nodes, f"codebook {c.bits}-bit: Gather of the codebook on uint8 codes"
+    if c.group or c.scale is None:
+        raise _Refused("a group-wise weight outside MatMul/Gather has no DequantizeLinear form")
+    q = gr.const(f"{tag}_q8", arrange(c.codes.astype(np.int8)))
+    s = gr.const(f"{tag}_scale", c.scale.astype(np.float32))
+    axis = 1 if layout == "t" else 0
+    nodes.append(helper.make_node("DequantizeLinear", [q, s], [out], axis=axis))
+    return nodes, f"DequantizeLinear of int8 codes ({c.bits}-bit)"
+
+
+class _Refused(Exception):
+    """This weight has no native form here (the reason is the message)."""
+
+    coded: str = ""
+
+
+def lowbit_form(
+    proto: onnx.ModelProto, model: nn.Module
+) -> tuple[onnx.ModelProto | None, Conversion]:
+    """``proto`` with every recorded weight stored as its codes (see the module docstring).
+
+    ``proto`` is an ONNX graph of ``model`` (its fp32 export, or the int8 form, whose Gathers
+    and remaining fp32 weights are converted); it is modified in place and returned, or None
+    when no weight was converted.
+
+    Example:
+        >>> import torch
+        >>> from autocompress.compress import apply
+        >>> from autocompress.deploy import export_fp32
+        >>> from autocompress.spaces import Plan
+        >>> _ = torch.manual_seed(0)
+        >>> q = apply(torch.nn.Sequential(torch.nn.Linear(64, 32)), Plan.uniform(["0"], bits=4))
+        >>> form, conv = lowbit_form(export_fp32(q, torch.randn(2, 64)), q)
+        >>> conv.done
+        {'0.weight': 'MatMulNBits 4-bit, block 64'}
+    """
+    index, conv = coded_weights(model)
+    if not index:
+        return None, conv
+    gr = _Graph(proto)
+    new_nodes: list[onnx.NodeProto] = []
+    for node in list(gr.g.node):
+        made = None
+        try:
+            made = _convert(gr, node, index, conv)
+        except _Refused as e:
+            conv.kept[e.coded] = str(e)
+        new_nodes.extend(made if made is not None else [node])
+    for c in (c for cs in index.values() for c in cs):
+        if c.name not in conv.done and c.name not in conv.kept:
+            conv.kept[c.name] = "not found as a constant weight of the graph"
+    if not conv.done:
+        return None, conv
+    del gr.g.node[:]
+    gr.g.node.extend(new_nodes)
+    gr.drop_unused()
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    set_meta(proto, {LOWBIT_KEY: json.dumps(conv.summary, sort_keys=True)})
+    return set_form(compact_names(proto), "lowbit"), conv
+
+
+def compact_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Short hexadecimal names for every internal tensor, no node names, no value_info.
+
+    The graph's inputs and outputs keep their names. On a small model the exporter's names
+    (``/bert/encoder/layer.0/attention/self/Reshape_output_0``) are most of the file: on a
+    2-layer, 64-wide BERT they were 50 KB of a 116 KB low-bit form.
+    """
+    g = proto.graph
+    sub = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    if any(a.type in sub for n in g.node for a in n.attribute):
+        return proto  # subgraphs read outer names: leave them all
+    keep = {i.name for i in g.input} | {o.name for o in g.output}
+    names: dict[str, str] = {}
+
+    def short(n: str) -> str:
+        if not n or n in keep:
+            return n
+        if n not in names:
+            names[n] = format(len(names), "x")
+        return names[n]
+
+    for i in g.initializer:
+        i.name = short(i.name)
+    for node in g.node:
+        node.name = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    del g.value_info[:]
+    return proto
+
+
+def _refuse(c: Coded, why: str) -> _Refused:
+    e = _Refused(why)
+    e.coded = c.name
+    return e
+
+
+def _convert(
+    gr: _Graph, node: onnx.NodeProto, index: dict[tuple[int, int], list[Coded]], conv: Conversion
+) -> list[onnx.NodeProto] | None:
+    """The nodes replacing ``node`` (None: keep it), recording what was done in ``conv``."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    tag = (node.name or f"{op}_{node.output[0]}").replace("/", "_").strip("_")
+    if op == "Gather" and node.input[0] in gr.inits:
+        a = numpy_helper.to_array(gr.inits[node.input[0]])
+        c = _match(a, index) if a.ndim == 2 and _attr(node, "axis", 0) == 0 else None
+        if c is None:
+            return None
+        if c.codebook is None:
+            nodes, how = _gather_bq(gr, c, node.input[1], node.output[0], tag)
+        else:
+            w = gr.fresh(f"{tag}_weight")
+            nodes, how = _dequantized(gr, c, "rows", w, tag)
+            nodes.append(helper.make_node("Gather", [w, node.input[1]], [node.output[0]], axis=0))
+    elif op in ("MatMul", "Gemm") and len(node.input) >= 2 and node.input[1] in gr.inits:
+        a = numpy_helper.to_array(gr.inits[node.input[1]])
+        if a.ndim != 2:
+            return None
+        trans_b = op == "Gemm" and _attr(node, "transB", 0) == 1
+        c = _match(a if trans_b else a.T, index)  # rows are (out, in)
+        if c is None:
+            return None
+        if op == "Gemm" and (
+            _attr(node, "alpha", 1.0) != 1.0
+            or _attr(node, "beta", 1.0) != 1.0
+            or _attr(node, "transA", 0) != 0
+        ):
+            raise _refuse(c, "a Gemm with alpha, beta or transA is left as it is")
+        bias = node.input[2] if op == "Gemm" and len(node.input) > 2 else ""
+        out = gr.fresh(f"{tag}_mm") if bias else node.output[0]
+        if c.codebook is None:
+            try:
+                nodes, how = _matmul_nbits(gr, c, node.input[0], out, tag)
+            except _Refused as e:
+                raise _refuse(c, str(e)) from None
+        else:
+            w = gr.fresh(f"{tag}_weight")
+            nodes, how = _dequantized(gr, c, "t", w, tag)
+            nodes.append(helper.make_node("MatMul", [node.input[0], w], [out]))
+        if bias:
+            nodes.append(helper.make_node("Add", [out, bias], [node.output[0]]))
+    elif op == "Conv" and len(node.input) >= 2 and node.input[1] in gr.inits:
+        a = numpy_helper.to_array(gr.inits[node.input[1]])
+        c = _match(a.reshape(a.shape[0], -1), index) if a.ndim >= 3 else None
+        if c is None:
+            return None
+        w = gr.fresh(f"{tag}_weight")
+        try:
+            nodes, how = _dequantized(gr, c, tuple(a.shape), w, tag)
+        except _Refused as e:
+            raise _refuse(c, str(e)) from None
+        conv_node = onnx.NodeProto()
+        conv_node.CopyFrom(node)
+        conv_node.input[1] = w
+        nodes.append(conv_node)
+    else:
+        return None
+    conv.done[c.name] = how
+    conv.kept.pop(c.name, None)
+    return nodes
