@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -111,3 +112,15 @@ def test_unusable_directory_is_one_clear_error(digits_mlp: Task, tmp_path) -> No
     missing = tmp_path / "no" / "such" / "dir"
     with pytest.raises(AutocompressError, match=f"teacher outputs in {missing}.*{DIR_ENV}"):
         teacher_outputs(digits_mlp.teacher(), digits_mlp, budget=0, directory=str(missing))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine",
+)
+def test_cuda_teacher_outputs_land_on_the_host_file(digits_mlp: Task, tmp_path) -> None:
+    teacher = copy.deepcopy(digits_mlp.teacher()).cuda()  # the fixture's stays on the CPU
+    mem = teacher_outputs(teacher, digits_mlp)
+    disk = teacher_outputs(teacher, digits_mlp, budget=0, directory=str(tmp_path))
+    assert disk.device.type == "cpu" and on_disk(disk) and torch.equal(mem, disk)
