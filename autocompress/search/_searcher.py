@@ -19,7 +19,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autocompress.errors import ConfigError
 from autocompress.search._common import CONSTRAINT_PREFIX, SAMPLERS
-from autocompress.spaces import KNOBS, CompressionSpace, Plan
+from autocompress.spaces import CompressionSpace, Plan
+from autocompress.spaces._space import ProjectingTrial as _ProjectingTrial
 
 log = logging.getLogger(__name__)
 RESAMPLES = 10
@@ -56,49 +57,6 @@ class SpaceFn:
 
     def __call__(self, trial: Any) -> dict[str, str]:
         return {"plan_json": self.space.suggest(trial).to_json()}
-
-
-class _ProjectingTrial:
-    """Answers ``space.suggest``'s questions from a Plan, snapping values onto the space."""
-
-    def __init__(self, plan: Plan, strict: bool) -> None:
-        self.plan, self.strict, self.params = plan, strict, {}
-        self.problems: list[str] = []
-
-    def _value(self, name: str) -> Any:
-        """The plan's value of the Optuna parameter ``name``, read by knob name (a model knob
-        by its own name, a layer knob as ``"<layer>.<knob>"``) from the knob registry."""
-        if name in KNOBS:
-            return KNOBS[name].value_in(self.plan)
-        key, _, knob = name.rpartition(".")
-        return KNOBS[knob].value_in(self.plan, key)
-
-    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
-        want = float(self._value(name))
-        v = min(max(want, low), high)
-        if step:
-            v = round(low + round((v - low) / step) * step, 6)
-            v = min(max(v, low), high)
-        if not math.isclose(v, want, abs_tol=1e-6):
-            self.problems.append(f"{name}={want} is outside the space ({low}..{high} step {step})")
-        self.params[name] = v
-        return v
-
-    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
-        return int(round(self.suggest_float(name, low, high, step)))
-
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
-        want = self._value(name)
-        if want in choices:
-            v = want
-        elif all(isinstance(c, int | float) for c in choices):
-            v = min(choices, key=lambda c: abs(c - want))
-        else:
-            v = choices[0]
-        if v != want:
-            self.problems.append(f"{name}={want!r} is not among {list(choices)}")
-        self.params[name] = v
-        return v
 
 
 def baseline_params(

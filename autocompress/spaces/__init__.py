@@ -17,13 +17,27 @@ from typing import TYPE_CHECKING, Any
 
 from autocompress.spaces._knobs import KNOBS, Knobs, KnobSpec, register
 from autocompress.spaces._plan import ALLOWED_BITS, SCHEMES, FinetuneSettings, LayerPlan, Plan
+from autocompress.spaces._roles import ROLES, group_by_role, layer_roles, role_groups
 
 if TYPE_CHECKING:
     from autocompress.spaces._discover import LayerInfo, discover_layers
+    from autocompress.spaces._sensitivity import (
+        Sensitivity,
+        greedy_plans,
+        hand_plans,
+        sensitivity,
+        sensitivity_plans,
+    )
     from autocompress.spaces._space import CompressionSpace
 
+_SENS = "autocompress.spaces._sensitivity"
 _LAZY = {
     "CompressionSpace": "autocompress.spaces._space",
+    "Sensitivity": _SENS,
+    "greedy_plans": _SENS,
+    "hand_plans": _SENS,
+    "sensitivity": _SENS,
+    "sensitivity_plans": _SENS,
     "LayerInfo": "autocompress.spaces._discover",
     "discover_layers": "autocompress.spaces._discover",
 }
@@ -31,6 +45,7 @@ _LAZY = {
 __all__ = [
     "ALLOWED_BITS",
     "KNOBS",
+    "ROLES",
     "SCHEMES",
     "CompressionSpace",
     "FinetuneSettings",
@@ -39,8 +54,16 @@ __all__ = [
     "LayerInfo",
     "LayerPlan",
     "Plan",
+    "Sensitivity",
     "discover_layers",
+    "greedy_plans",
+    "group_by_role",
+    "hand_plans",
+    "layer_roles",
     "register",
+    "role_groups",
+    "sensitivity",
+    "sensitivity_plans",
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +12,7 @@ from torch import nn
 
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import LayerInfo, discover
-from autocompress.spaces._knobs import Knobs, SampleContext, knobs_of
+from autocompress.spaces._knobs import KNOBS, Knobs, SampleContext, knobs_of
 from autocompress.spaces._plan import FinetuneSettings, LayerPlan, Plan
 
 __all__ = ["CompressionSpace", "Knobs"]
@@ -85,12 +86,19 @@ class CompressionSpace:
         pin: Mapping[str, LayerPlan | Mapping[str, Any]] | None = None,
         groups: Iterable[Iterable[str]] = (),
         finetune: FinetuneSettings | None = None,
+        group_by: str | None = None,
+        depth_buckets: int = 3,
     ) -> CompressionSpace:
         """Discover the compressible layers of ``model`` and validate every setting now.
 
         Names in ``exclude``, ``pin`` and ``groups`` may be aliases of a tied layer; they are
-        stored under the layer's own name.
+        stored under the layer's own name. ``group_by="role"`` then ties the free layers by
+        role and depth (``spaces._roles.group_by_role``: Q/K/V, attention output, FFN in/out,
+        embeddings, head, in ``depth_buckets`` depth buckets), so a deep model is searched
+        with a handful of knobs instead of one set per layer; ``groups`` given here stay whole.
         """
+        if group_by not in (None, "role"):
+            raise PlanError(f"group_by={group_by!r} is unknown: use 'role' or None")
         found = discover(model)
         layers = found.layers
         if not layers:
@@ -132,6 +140,10 @@ class CompressionSpace:
         )
         for n, lp in pins.items():
             space._check_layer_plan(n, lp)
+        if group_by == "role":
+            from autocompress.spaces._roles import group_by_role
+
+            space = group_by_role(space, depth_buckets)
         return space
 
     # --- structure -------------------------------------------------------------------------
@@ -211,6 +223,19 @@ class CompressionSpace:
             )
         return Plan(layers=layers, finetune=self.finetune, **model)
 
+    def project(self, plan: Plan) -> Plan:
+        """The plan of this space nearest to ``plan``: each knob the sampler would ask is read
+        from ``plan`` and snapped onto the space (nearest bit-width, ranges clipped to their
+        grid, grouped layers taking their group's first layer's knobs, pins applied).
+
+        Example:
+            >>> from autocompress.tasks._models import DigitsMLP
+            >>> space = CompressionSpace.from_model(DigitsMLP(), Knobs(bits=(4, 8)))
+            >>> space.project(space.uniform(bits=6)).layers["fc1"].bits in (4, 8)
+            True
+        """
+        return self.suggest(ProjectingTrial(plan))
+
     def uniform(self, **knobs: Any) -> Plan:
         """A uniform baseline plan over the non-excluded layers (pins still apply)."""
         width, heads = knobs.pop("width", 1.0), knobs.pop("heads", None)
@@ -264,3 +289,48 @@ def _canonical_names(layers: Sequence[LayerInfo]) -> dict[str, str]:
 def _canon(canon: Mapping[str, str], name: str, what: str) -> str:
     _check_names([name], canon, what)
     return canon[name]
+
+
+class ProjectingTrial:
+    """Answers ``CompressionSpace.suggest``'s questions from a Plan, snapping values onto the
+    space; ``params`` collects the Optuna parameters and ``problems`` every value that had to
+    move (the search's strict baseline check reads them)."""
+
+    def __init__(self, plan: Plan, strict: bool = False) -> None:
+        self.plan, self.strict, self.params = plan, strict, {}
+        self.problems: list[str] = []
+
+    def _value(self, name: str) -> Any:
+        """The plan's value of the Optuna parameter ``name``, read by knob name (a model knob
+        by its own name, a layer knob as ``"<layer>.<knob>"``) from the knob registry."""
+        if name in KNOBS:
+            return KNOBS[name].value_in(self.plan)
+        key, _, knob = name.rpartition(".")
+        return KNOBS[knob].value_in(self.plan, key)
+
+    def suggest_float(self, name: str, low: float, high: float, step: float | None = None) -> float:
+        want = float(self._value(name))
+        v = min(max(want, low), high)
+        if step:
+            v = round(low + round((v - low) / step) * step, 6)
+            v = min(max(v, low), high)
+        if not math.isclose(v, want, abs_tol=1e-6):
+            self.problems.append(f"{name}={want} is outside the space ({low}..{high} step {step})")
+        self.params[name] = v
+        return v
+
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1) -> int:
+        return int(round(self.suggest_float(name, low, high, step)))
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        want = self._value(name)
+        if want in choices:
+            v = want
+        elif all(isinstance(c, int | float) for c in choices):
+            v = min(choices, key=lambda c: abs(c - want))
+        else:
+            v = choices[0]
+        if v != want:
+            self.problems.append(f"{name}={want!r} is not among {list(choices)}")
+        self.params[name] = v
+        return v

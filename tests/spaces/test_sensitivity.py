@@ -1,0 +1,126 @@
+"""The sensitivity pass: one unit at a time, real bytes, a fragile layer ranked first, cached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autocompress import PlanError
+from autocompress.spaces import CompressionSpace, Knobs, sensitivity
+from autocompress.spaces._sensitivity import greedy_plan
+from autocompress.tasks import Task
+
+
+class Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x).mean(dim=1)
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(h)))))
+
+
+def _task(fragile: bool = False) -> Task:
+    torch.manual_seed(0)
+    model = Toy().eval()
+    if fragile:  # fc2 reads a dead unit through a huge weight: its quantization grid collapses
+        with torch.no_grad():
+            model.fc1.weight[0] = 0.0
+            model.fc1.bias[0] = -10.0
+            model.fc2.weight[:, 0] = 1000.0
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50, (96, 6), generator=g), torch.randint(0, 4, (96,), generator=g)
+    return Task.from_module(model, (x[:64], y[:64]), (x[64:], y[64:]), (x[64:], y[64:]))
+
+
+def _space(task: Task, **knobs: object) -> CompressionSpace:
+    return CompressionSpace.from_model(task.teacher(), Knobs(**{"sparsity": None, **knobs}))
+
+
+def test_fragile_layer_ranked_most_sensitive() -> None:
+    task = _task(fragile=True)
+    sens = sensitivity(task, _space(task, bits=(3, 4, 8)), examples=32)
+    assert sens.ranking()[0] == "fc2"
+    assert sens.ranking(bits=8)[0] == "fc2"
+    fc2 = sens.unit("fc2")
+    assert min(m.distortion for m in fc2.settings) > max(
+        m.distortion for u in sens.units if u.key != "fc2" for m in u.settings
+    )
+
+
+def test_measures_each_setting_with_real_bytes() -> None:
+    task = _task()
+    sens = sensitivity(task, _space(task, bits=(2, 4, 8, 32)), examples=32)
+    assert [u.key for u in sens.units] == ["emb", "fc1", "fc2", "head"]
+    assert sens.evaluations == 4 * 3 and sens.examples == 32
+    for u in sens.units:
+        assert [m.knobs["bits"] for m in u.settings] == [8, 4, 2]
+        sizes = [m.bytes for m in u.settings]
+        assert u.base_bytes > sizes[0] > sizes[1] > sizes[2] > 0
+        assert u.keep is not None and u.keep["bits"] == 32  # 32 in the space: may stay fp32
+        assert all(m.distortion >= 0 for m in u.settings)
+    assert sens.other_bytes > 0  # biases: outside the units, still counted
+    assert sens.teacher_bytes == sens.other_bytes + sum(u.base_bytes for u in sens.units)
+
+
+def test_grouped_space_is_measured_per_group() -> None:
+    task = _task()
+    space = CompressionSpace.from_model(
+        task.teacher(), Knobs(sparsity=None, bits=(4, 8)), groups=[["fc1", "fc2"]]
+    )
+    sens = sensitivity(task, space, examples=16)
+    assert [u.layers for u in sens.units] == [("emb",), ("fc1", "fc2"), ("head",)]
+    assert sens.evaluations == 3 * 2
+
+
+def test_sparsity_levels_when_the_space_has_sparsity() -> None:
+    task = _task()
+    space = CompressionSpace.from_model(task.teacher(), Knobs(sparsity=(0.0, 0.8), bits=(4, 8)))
+    sens = sensitivity(task, space, examples=16)
+    knobs = [(m.knobs["bits"], m.knobs["sparsity"]) for m in sens.unit("fc1").settings]
+    # levels 0.5, 0.75, 0.9 at the top bit-width; 0.9 is outside the range: snapped to 0.8
+    assert knobs == [(8, 0.0), (4, 0.0), (8, 0.5), (8, 0.75), (8, 0.8)]
+
+
+def test_cache_is_reused_and_keyed_by_the_teacher(tmp_path) -> None:  # noqa: ANN001
+    task = _task()
+    space = _space(task, bits=(4, 8))
+    first = sensitivity(task, space, examples=16, run_dir=tmp_path)
+    assert not first.cached and len(list((tmp_path / "sensitivity").glob("*.json"))) == 1
+    again = sensitivity(task, space, examples=16, run_dir=tmp_path)
+    assert again.cached and again.units == first.units and again.key == first.key
+    other = _task(fragile=True)  # same architecture, other weights: measured again
+    third = sensitivity(other, _space(other, bits=(4, 8)), examples=16, run_dir=tmp_path)
+    assert not third.cached and third.key != first.key
+    more = sensitivity(task, space, examples=8, run_dir=tmp_path)  # other settings: new key
+    assert not more.cached
+
+
+def test_greedy_meets_its_byte_budget() -> None:
+    task = _task()
+    space = _space(task, bits=(2, 3, 4, 6, 8, 32))
+    sens = sensitivity(task, space, examples=16)
+    smallest = sens.other_bytes + sum(min(m.bytes for m in u.options()) for u in sens.units)
+    last = None
+    for frac in (0.9, 0.5, 0.3, 0.2, 0.1):
+        budget = max(smallest, round(frac * sens.teacher_bytes))
+        plan = greedy_plan(sens, space, budget)
+        est = sens.estimate(plan)
+        assert est is not None and est <= budget
+        assert last is None or est <= last
+        last = est
+    assert sens.estimate(greedy_plan(sens, space, sens.teacher_bytes)) == sens.teacher_bytes
+
+
+def test_refuses_test_split_and_bad_sizes() -> None:
+    task = _task()
+    space = _space(task, bits=(4, 8))
+    with pytest.raises(PlanError, match="never 'test'"):
+        sensitivity(task, space, split="test")
+    with pytest.raises(PlanError, match="examples=0"):
+        sensitivity(task, space, examples=0)
