@@ -20,7 +20,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autocompress.errors import AutocompressError, ConfigError
-from autocompress.spaces._knobs import ALLOWED_BITS, KNOBS, SCHEMES, STEP_MAX, Knobs
+from autocompress.spaces._knobs import (
+    ALLOWED_BITS,
+    ALLOWED_GROUPS,
+    CALIBRATIONS,
+    KNOBS,
+    SCHEMES,
+    STEP_MAX,
+    Knobs,
+)
 from autocompress.spaces._plan import FINETUNE_BOUNDS, FinetuneSettings
 
 # The knob registry and the plan's rules import no torch (a config error must come back in well
@@ -73,6 +81,8 @@ class KnobsConfig(_Strict):
     width: Range | None = _KNOBS.width
     width_step: float = _step("width_step")
     heads: Range | None = _KNOBS.heads
+    groups: list[int] = list(_KNOBS.groups)
+    calibration: list[str] = list(_KNOBS.calibration)
 
     @field_validator(*_RANGED, mode="before")
     @classmethod
@@ -87,6 +97,22 @@ class KnobsConfig(_Strict):
             raise ValueError(f"bits {bad or v} not allowed; choose from {list(ALLOWED_BITS)}")
         return v
 
+    @field_validator("groups")
+    @classmethod
+    def _groups(cls, v: list[int]) -> list[int]:
+        bad = [g for g in v if g not in ALLOWED_GROUPS]
+        if bad or not v:
+            raise ValueError(f"groups {bad or v} not allowed; choose from {list(ALLOWED_GROUPS)}")
+        return v
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in CALIBRATIONS]
+        if bad or not v:
+            raise ValueError(f"calibration {bad or v} unknown; choose from {list(CALIBRATIONS)}")
+        return v
+
 
 class LayerPin(_Strict):
     """Fixed knobs of one layer (``LayerPlan`` checks the values with the knob registry)."""
@@ -95,6 +121,7 @@ class LayerPin(_Strict):
     bits: int = KNOBS["bits"].default
     scheme: Literal["uniform", "codebook"] = KNOBS["scheme"].default
     rank_ratio: float = KNOBS["rank_ratio"].default
+    group: int = KNOBS["group"].default
 
 
 class SpaceConfig(_Strict):

@@ -6,7 +6,9 @@ are stored as +0.0 (they compare equal and give the same outputs).
 * ``u{b}``: fp32 with a uniform record (``q * scale[c]``); ``b``-bit codes; aux = the fp16
   scales, one per dim-0 channel. ``u{b}.{a}``: the same with the channels on dim ``a`` (HF
   ``Conv1D`` stores its weight ``(in, out)``: ``a = 1``); codes in the order of the tensor with
-  dim ``a`` moved first.
+  dim ``a`` moved first. ``u{b}g{n}`` / ``u{b}.{a}g{n}``: group-wise scales, one per ``n``
+  consecutive weights along the input dimension (``n`` in 16..256, a power of two); aux = the
+  fp16 scales of shape ``(out, ceil(n_in / n))``, row-major (see ``compress._meta``).
 * ``c{b}``: fp32 with a codebook record (``codebook[code]``); ``b``-bit codes; aux = the fp16
   codebook, ``2**b`` values.
 * ``h16``: fp32 with an fp16 record; 16-bit fp16 patterns.
@@ -22,11 +24,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 import torch
 
-from autocompress.compress._meta import QuantRecord
+from autocompress.compress._meta import GROUPS, QuantRecord
 from autocompress.errors import ArtifactError
 
 RAW_DTYPES: dict[str, torch.dtype] = {
@@ -40,7 +43,7 @@ RAW_DTYPES: dict[str, torch.dtype] = {
     "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_QUANT_RE = re.compile(r"^([uc])([1-9]|1[0-6])(?:\.([1-7]))?$")
+_QUANT_RE = re.compile(r"^([uc])([1-9]|1[0-6])(?:\.([1-7]))?(?:g([1-9][0-9]{1,2}))?$")
 
 
 @dataclass
@@ -53,10 +56,30 @@ class Coded:
     aux: bytes
 
 
+def uniform_layout(kind: str) -> tuple[int, int]:
+    """``(axis, group)`` of a uniform kind (``u4`` -> (0, 0), ``u4.1g32`` -> (1, 32)).
+
+    Example:
+        >>> uniform_layout("u4.1g32"), uniform_layout("u8")
+        ((1, 32), (0, 0))
+    """
+    m = _QUANT_RE.match(kind)
+    if not m or m.group(1) != "u":
+        raise ArtifactError(f"{kind!r} is not a uniform kind")
+    return int(m.group(3) or 0), int(m.group(4) or 0)
+
+
+def uniform_kind(bits: int, axis: int, group: int) -> str:
+    """The kind name of uniform codes (inverse of :func:`uniform_layout`)."""
+    return f"u{bits}" + (f".{axis}" if axis else "") + (f"g{group}" if group else "")
+
+
 def kind_bits(kind: str) -> int | None:
     """Code width of ``kind``, or None for an unknown kind."""
     m = _QUANT_RE.match(kind)
     if m:
+        if m.group(4) and (m.group(1) != "u" or int(m.group(4)) not in GROUPS):
+            return None
         return int(m.group(2))
     if kind in ("h16", "f16"):
         return 16
@@ -71,8 +94,12 @@ def kind_bits(kind: str) -> int | None:
 def aux_len(kind: str, shape: tuple[int, ...]) -> int:
     """Bytes of aux data of ``kind`` for a tensor of ``shape`` (fp16 scales or codebook)."""
     if kind.startswith("u"):
-        axis = int(kind.partition(".")[2] or 0)
-        return 2 * (shape[axis] if axis < len(shape) else 0)
+        axis, group = uniform_layout(kind)
+        out = shape[axis] if axis < len(shape) else 0
+        if not group:
+            return 2 * out
+        n_in = prod(shape) // out if out else 0
+        return 2 * out * -(-n_in // group)
     if kind.startswith("c"):
         return 2 * (1 << int(kind[1:]))
     return 0
@@ -134,8 +161,11 @@ def to_codes(name: str, t: torch.Tensor, rec: QuantRecord | None) -> Coded:
         if bits != 16 or not torch.equal(t.detach().half().float(), t.detach()):
             raise _not_baked(name, "has an fp16 record but values that are not fp16-exact")
         return Coded("h16", _bit_patterns(t.detach().half()), 16, b"")
+    group = getattr(rec, "group", 0)
+    if group and group not in GROUPS:
+        raise _not_baked(name, f"has group={group}; groups are 0 or one of {list(GROUPS)}")
     if scheme == "uniform" and 1 <= bits <= 16 and rec.scale is not None and t.dim() >= 1:
-        return _uniform(name, t, bits, rec.scale, rec.axis)
+        return _uniform(name, t, bits, rec.scale, rec.axis, group)
     if scheme == "codebook" and 1 <= bits <= 16 and rec.codebook is not None:
         return _codebook(name, t, bits, rec.codebook)
     raise _not_baked(name, f"has an unsupported quant record (scheme={scheme!r}, bits={bits})")
@@ -146,17 +176,28 @@ def _rows(t: torch.Tensor, n0: int) -> torch.Tensor:
     return t.reshape(n0, t.numel() // n0 if n0 else 0)
 
 
-def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor, axis: int = 0) -> Coded:
+def _expand(s: np.ndarray, group: int, n_in: int) -> np.ndarray:
+    """Per-channel ``(out,)`` scales as a column, or ``(out, groups)`` ones per weight."""
+    return np.repeat(s, group, axis=1)[:, :n_in] if group else s[:, None]
+
+
+def _uniform(
+    name: str, t: torch.Tensor, bits: int, scale: torch.Tensor, axis: int = 0, group: int = 0
+) -> Coded:
     if not 0 <= axis < max(1, t.dim()):
         raise _not_baked(name, f"has scales on dim {axis} of a {t.dim()}-D tensor")
     t = t.detach().cpu().movedim(axis, 0) if axis else t
     w = _rows(t.detach().cpu(), t.shape[0])
-    s = scale.detach().cpu().float().reshape(-1)
-    if s.numel() != t.shape[0]:
-        raise _not_baked(name, f"has {s.numel()} scales for {t.shape[0]} output channels")
+    n0, n_in = w.shape
+    s = scale.detach().cpu().float()
+    want = (n0, -(-n_in // group)) if group else (n0,)
+    if s.numel() != prod(want) or (group and tuple(s.shape) != want):
+        what = f"{want} group scales" if group else f"{n0} output channels"
+        raise _not_baked(name, f"has {tuple(s.shape)} scales for {what}")
+    s = s.reshape(want)
     aux = _fp16_bytes(name, "scale", s)
     # numpy float32 throughout: exact for |q| < 2**23 and far faster than torch on big tensors
-    wn, sn = w.float().numpy(), s.numpy()[:, None]
+    wn, sn = w.float().numpy(), _expand(s.numpy(), group, n_in)
     q = np.rint(wn / np.where(sn == 0, np.float32(1), sn))  # rint: half to even, like round
     q *= sn != 0
     qmax = (1 << (bits - 1)) - 1
@@ -165,8 +206,7 @@ def _uniform(name: str, t: torch.Tensor, bits: int, scale: torch.Tensor, axis: i
         raise _not_baked(name, f"holds values that are not q * scale with |q| <= {qmax}")
     mag *= 2
     mag -= q < 0  # zigzag: q >= 0 -> 2q, q < 0 -> -2q - 1
-    kind = f"u{bits}.{axis}" if axis else f"u{bits}"
-    return Coded(kind, mag.reshape(-1).astype(np.uint16), bits, aux)
+    return Coded(uniform_kind(bits, axis, group), mag.reshape(-1).astype(np.uint16), bits, aux)
 
 
 def _codebook(name: str, t: torch.Tensor, bits: int, codebook: torch.Tensor) -> Coded:
@@ -196,18 +236,22 @@ def from_codes(
         table = np.where(k % 2 == 0, k // 2, -(k + 1) // 2).astype(np.float32)  # un-zigzag
         scale_np = np.frombuffer(aux, "<f2").astype(np.float32)
         q = table[codes]
-        axis = int(kind.partition(".")[2] or 0)
+        axis, group = uniform_layout(kind)
         if axis >= max(1, len(shape)):
             raise ArtifactError(f"kind {kind!r} names dim {axis} of a {len(shape)}-D tensor")
         moved = (shape[axis], *shape[:axis], *shape[axis + 1 :]) if shape else shape
         n0 = moved[0] if moved else 1
-        if scale_np.size != n0:
-            raise ArtifactError(f"{scale_np.size} uniform scales for {n0} channels")
-        q.reshape(n0, q.size // n0 if n0 else 0)[...] *= scale_np[:, None]
+        n_in = q.size // n0 if n0 else 0
+        want = (n0, -(-n_in // group)) if group else (n0,)
+        if scale_np.size != prod(want):
+            raise ArtifactError(f"{scale_np.size} uniform scales for {want} channels/groups")
+        scale_np = scale_np.reshape(want)
+        q.reshape(n0, n_in)[...] *= _expand(scale_np, group, n_in)
         w = torch.from_numpy(q).reshape(moved)
         if axis:
             w = w.movedim(0, axis).contiguous()
-        rec = QuantRecord(bits=bits, scheme="uniform", scale=torch.from_numpy(scale_np), axis=axis)
+        scale = torch.from_numpy(scale_np)
+        rec = QuantRecord(bits=bits, scheme="uniform", scale=scale, axis=axis, group=group)
         return w, rec
     if kind.startswith("c"):
         cb = torch.from_numpy(np.frombuffer(aux, "<f2").astype(np.float32))

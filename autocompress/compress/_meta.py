@@ -18,6 +18,13 @@ Conventions (shared with ``autocompress.artifacts``):
   ``q in [-(2**(bits-1) - 1), 2**(bits-1) - 1]``, weight ``= q * scale[c]`` computed in fp32
   (``c`` the index along ``axis``), with ``scale`` a float32 tensor of shape
   ``(weight.shape[axis],)`` whose values are fp16-exact. ``bits=2`` is ternary {-1, 0, 1}.
+* Group-wise uniform (``group > 0``, one of :data:`GROUPS`): ``group`` consecutive weights
+  along the *input* dimension share one scale. View the weight as ``(out, n_in)``: dim ``axis``
+  moved first, every other dim flattened in its natural order (``Conv2d``: ``in * kh * kw``;
+  ``Embedding``: rows are channels, groups run along the embedding dim). ``scale`` then has
+  shape ``(out, ceil(n_in / group))`` and weight ``= q * scale[c, j // group]``; the last group
+  of a row may be partial. This is the layout of ONNX ``MatMulNBits`` (blocks of ``block_size``
+  along K) and ``GatherBlockQuantized`` (``quantize_axis`` last, ``block_size = group``).
 * ``scheme == "codebook"``: ``codebook`` a float32 tensor of ``2**bits`` fp16-exact values with
   ``codebook[0] == 0.0`` (so pruned zeros have a code); weight ``= codebook[code]``.
 * ``scheme == "fp16"``: ``bits == 16``; the weight is fp16-exact, no scale.
@@ -32,7 +39,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from autocompress.spaces._knobs import ALLOWED_GROUPS
+
 QUANT_ATTR = "_autocompress_quant"
+GROUPS: tuple[int, ...] = tuple(g for g in ALLOWED_GROUPS if g)
+"""Allowed nonzero group sizes of group-wise uniform scales (powers of two, as ONNX's
+``MatMulNBits``/``GatherBlockQuantized`` need); ``0`` is one scale per output channel."""
 
 
 @dataclass
@@ -44,6 +56,7 @@ class QuantRecord:
     scale: torch.Tensor | None = None
     codebook: torch.Tensor | None = None
     axis: int = 0  # dim of the output channels the uniform scales follow
+    group: int = 0  # weights along the input dim sharing one scale; 0: one per channel
 
 
 def quant_records(model: nn.Module) -> dict[str, QuantRecord]:

@@ -32,28 +32,66 @@ def qmax(bits: int) -> int:
     return max(1, 2 ** (bits - 1) - 1)
 
 
-def uniform_scale(w: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
-    """Per-output-channel scale ``max|w| / qmax`` (channels on dim ``axis``), fp16-exact.
+def as_rows(w: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """``w`` as ``(out, n_in)``: the output channels (dim ``axis``) first, every other dim
+    flattened in its natural order (the layout group-wise scales follow)."""
+    m = w.movedim(axis, 0) if axis else w
+    return m.reshape(m.shape[0], -1) if m.dim() else m.reshape(1, 1)
+
+
+def from_rows(rows: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """The inverse of :func:`as_rows`: ``rows`` back in the shape of ``like``."""
+    shape = list(like.shape)
+    moved = [shape[axis], *shape[:axis], *shape[axis + 1 :]] if shape else shape
+    out = rows.reshape(moved)
+    return out.movedim(0, axis) if axis else out
+
+
+def _group_amax(rows: torch.Tensor, group: int) -> torch.Tensor:
+    """``max |rows|`` over each run of ``group`` columns (the last run may be partial)."""
+    n = rows.shape[1]
+    pad = -n % group
+    a = rows.abs()
+    if pad:
+        a = torch.cat([a, a.new_zeros(a.shape[0], pad)], dim=1)
+    return a.reshape(a.shape[0], -1, group).amax(dim=2)
+
+
+def uniform_scale(w: torch.Tensor, bits: int, axis: int = 0, group: int = 0) -> torch.Tensor:
+    """Scales ``max|w| / qmax``, fp16-exact: one per output channel (dim ``axis``), or with
+    ``group > 0`` one per ``group`` consecutive weights along the input dimension, shape
+    ``(out, ceil(n_in / group))`` (see ``compress._meta``).
 
     Example:
         >>> uniform_scale(torch.tensor([[1.0, -4.0], [0.5, 2.0]]), 4, axis=1).tolist()
         [0.142822265625, 0.5712890625]
+        >>> uniform_scale(torch.arange(1.0, 33.0).reshape(1, 32), 4, group=16).tolist()
+        [[2.28515625, 4.5703125]]
     """
-    a = w.detach().abs().movedim(axis, 0)
-    amax = a.reshape(a.shape[0], -1).amax(dim=1)
+    rows = as_rows(w.detach(), axis)
+    amax = _group_amax(rows, group) if group else rows.abs().amax(dim=1)
     return fp16_exact(torch.clamp(amax / qmax(bits), min=_MIN_SCALE))
 
 
-def _bshape(scale: torch.Tensor, w: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    shape = [1] * w.dim()
-    shape[axis] = -1
-    return scale.reshape(shape)
+def scale_grid(scale: torch.Tensor, w: torch.Tensor, axis: int = 0, group: int = 0) -> torch.Tensor:
+    """``scale`` broadcastable against ``w``: per channel along ``axis``, or (``group > 0``)
+    expanded to one scale per weight."""
+    if not group:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        return scale.reshape(shape)
+    n_in = w.numel() // max(1, w.shape[axis])
+    full = scale.repeat_interleave(group, dim=1)[:, :n_in]
+    return from_rows(full, w, axis)
 
 
-def uniform_codes(w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0) -> torch.Tensor:
-    """Integer codes of ``w`` on the grid ``q * scale`` (scales along dim ``axis``)."""
+def uniform_codes(
+    w: torch.Tensor, scale: torch.Tensor, bits: int, axis: int = 0, group: int = 0
+) -> torch.Tensor:
+    """Integer codes of ``w`` on the grid ``q * scale`` (scales along dim ``axis``, per
+    ``group`` input weights when ``group > 0``)."""
     m = qmax(bits)
-    return torch.clamp(torch.round(w / _bshape(scale, w, axis)), -m, m)
+    return torch.clamp(torch.round(w / scale_grid(scale, w, axis, group)), -m, m)
 
 
 def kmeans_codebook(values: torch.Tensor, k: int, iters: int = 25) -> torch.Tensor:
@@ -84,17 +122,36 @@ class Fp16Weight(MaskWeight):
 
 
 class UniformFakeQuant(MaskWeight):
-    """Mask, then symmetric per-channel fake quantization with a straight-through gradient.
-    ``axis`` is the output-channel dimension (1 for HF ``Conv1D``)."""
+    """Mask, then symmetric fake quantization with a straight-through gradient.
 
-    def __init__(self, mask: torch.Tensor, target: float, bits: int, axis: int = 0) -> None:
+    ``axis`` is the output-channel dimension (1 for HF ``Conv1D``); ``group > 0`` gives one
+    scale per ``group`` consecutive input weights of a channel. Scales follow the weights
+    (``max|w| / qmax``) unless :meth:`fix_scale` pinned them (GPTQ chose them: the fine-tune
+    then starts exactly from GPTQ's rounding and bake stores those scales).
+    """
+
+    def __init__(
+        self, mask: torch.Tensor, target: float, bits: int, axis: int = 0, group: int = 0
+    ) -> None:
         super().__init__(mask, target)
         self.bits = bits
         self.axis = axis
+        self.group = group
+        self.fixed: torch.Tensor | None = None
+
+    def fix_scale(self, scale: torch.Tensor) -> None:
+        """Pin the scales (fp16-exact, the shape :func:`uniform_scale` gives)."""
+        self.fixed = fp16_exact(scale)
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        """The scales of the (masked) weight ``w``: pinned ones, else ``max|w| / qmax``."""
+        if self.fixed is not None:
+            return self.fixed.to(w.device)
+        return uniform_scale(w, self.bits, self.axis, self.group)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w = w * self.mask
-        s = _bshape(uniform_scale(w, self.bits, self.axis), w, self.axis)
+        s = scale_grid(self.scale(w), w, self.axis, self.group)
         x = w / s
         q = x + (torch.clamp(torch.round(x), -qmax(self.bits), qmax(self.bits)) - x).detach()
         return q * s
@@ -155,7 +212,7 @@ def _parametrization(lp: LayerPlan, mask: torch.Tensor, axis: int) -> MaskWeight
         return Fp16Weight(mask, lp.sparsity)
     if lp.scheme == "codebook":
         return PendingCodebook(mask, lp.sparsity, lp.bits)
-    return UniformFakeQuant(mask, lp.sparsity, lp.bits, axis)
+    return UniformFakeQuant(mask, lp.sparsity, lp.bits, axis, lp.group)
 
 
 Slot = tuple[str, nn.Module, str]  # (module fqn, module, attribute)
@@ -263,9 +320,10 @@ def bake(model: nn.Module) -> nn.Module:
                 bits = (len(table) - 1).bit_length()  # len(table) == 2**bits
                 rec = QuantRecord(bits, "codebook", codebook=table)
             elif isinstance(p, UniformFakeQuant):
-                scale = uniform_scale(w, p.bits, axis)
-                value = uniform_codes(w, scale, p.bits, axis) * _bshape(scale, w, axis)
-                rec = QuantRecord(p.bits, "uniform", scale=scale, axis=axis)
+                g = p.group
+                scale = p.scale(w)
+                value = uniform_codes(w, scale, p.bits, axis, g) * scale_grid(scale, w, axis, g)
+                rec = QuantRecord(p.bits, "uniform", scale=scale.cpu(), axis=axis, group=g)
             elif isinstance(p, Fp16Weight):
                 value, rec = fp16_exact(w), QuantRecord(16, "fp16")
             else:

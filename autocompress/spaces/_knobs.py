@@ -20,7 +20,7 @@ Example:
     >>> KNOBS["sparsity"].problem(1.0)
     'sparsity=1.0 is outside [0, 1): use e.g. 0.9'
     >>> [s.name for s in knobs_of("model")]
-    ['width', 'heads']
+    ['width', 'heads', 'calibration']
 """
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ from autocompress.errors import PlanError
 
 ALLOWED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 SCHEMES: tuple[str, ...] = ("uniform", "codebook")
+ALLOWED_GROUPS: tuple[int, ...] = (0, 16, 32, 64, 128, 256)
+"""Group sizes of uniform scales: 0 is one scale per output channel, else that many
+consecutive weights along the input dimension share one scale (powers of two, as ONNX's
+``MatMulNBits``/``GatherBlockQuantized`` blocks)."""
+CALIBRATIONS: tuple[str, ...] = ("none", "gptq")
+"""How uniform weights are rounded: ``none`` rounds to nearest; ``gptq`` compensates each
+layer's rounding error from calibration inputs (Frantar et al., 2022; ``compress._gptq``)."""
 STEP_MAX = 0.5
 """Largest grid step of a searched range (a coarser grid holds at most three points)."""
 PHASES = ("structure", "prune", "quantize")
@@ -202,6 +209,38 @@ def _sample_scheme(trial: Any, name: str, ctx: SampleContext) -> str:
     return schemes[0]
 
 
+def _sample_group(trial: Any, name: str, ctx: SampleContext) -> int:
+    groups, v = ctx.knobs.groups, ctx.values
+    if v["bits"] > 8 or v["scheme"] != "uniform":
+        return 0  # group-wise scales only exist for uniform codes
+    if len(groups) > 1:
+        return int(trial.suggest_categorical(name, list(groups)))
+    return int(groups[0])
+
+
+def _sample_calibration(trial: Any, name: str, ctx: SampleContext) -> str:
+    choices = ctx.knobs.calibration
+    if len(choices) > 1:
+        return str(trial.suggest_categorical(name, list(choices)))
+    return str(choices[0])
+
+
+def layer_conflict(values: Mapping[str, Any]) -> str | None:
+    """The one-line error when a layer's knobs contradict each other, else ``None``.
+
+    Example:
+        >>> layer_conflict({"group": 32, "bits": 16, "scheme": "uniform"})
+        "group=32 needs scheme 'uniform' and bits <= 8 (got 'uniform', 16 bits): use group=0"
+    """
+    g, bits, scheme = values.get("group", 0), values.get("bits", 32), values.get("scheme")
+    if g and (bits > 8 or scheme != "uniform"):
+        return (
+            f"group={g} needs scheme 'uniform' and bits <= 8 (got {scheme!r}, {bits} bits): "
+            "use group=0"
+        )
+    return None
+
+
 def _not_factorizable(layer: Any) -> str | None:
     return None if layer.factorizable else f"cannot be factorized ({layer.note})"
 
@@ -271,6 +310,20 @@ register(
 )
 register(
     KnobSpec(
+        "group",
+        "layer",
+        0,
+        "quantize",
+        "group={value!r} is not allowed: choose one of " + str(list(ALLOWED_GROUPS)),
+        choices=ALLOWED_GROUPS,
+        range_key="groups",
+        sample=_sample_group,
+        label="group",
+        identity=False,
+    )
+)
+register(
+    KnobSpec(
         "width",
         "model",
         1.0,
@@ -296,6 +349,18 @@ register(
         read=lambda plan: plan.head_fraction,
     )
 )
+register(
+    KnobSpec(
+        "calibration",
+        "model",
+        "none",
+        "quantize",
+        "calibration={value!r} is unknown: choose one of " + str(list(CALIBRATIONS)),
+        choices=CALIBRATIONS,
+        range_key="calibration",
+        sample=_sample_calibration,
+    )
+)
 
 
 @dataclass(frozen=True)
@@ -318,6 +383,11 @@ class Knobs:
             in (0, 1], searched separately from ``width`` (which then cuts the feed-forward
             channels only); ``None``: heads follow ``width``. Sampled on ``width_step``'s grid,
             and only for models whose attention blocks are understood (``Plan.heads``).
+        groups: group sizes of uniform scales to choose from (:data:`ALLOWED_GROUPS`; 0 is one
+            scale per output channel, the default); layers at 16/32 bits or with the codebook
+            scheme always get 0.
+        calibration: how uniform weights are rounded, chosen per plan (:data:`CALIBRATIONS`;
+            ``"gptq"`` needs calibration data from the task's train split).
 
     Example:
         >>> Knobs(width=(0.5, 1.0)).width
@@ -333,6 +403,8 @@ class Knobs:
     width: tuple[float, float] | None = None
     width_step: float = 0.05
     heads: tuple[float, float] | None = None
+    groups: tuple[int, ...] = (0,)
+    calibration: tuple[str, ...] = ("none",)
 
     def __post_init__(self) -> None:
         for spec in KNOBS.values():

@@ -13,9 +13,24 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from autocompress.errors import PlanError
-from autocompress.spaces._knobs import ALLOWED_BITS, SCHEMES, knobs_of
+from autocompress.spaces._knobs import (
+    ALLOWED_BITS,
+    ALLOWED_GROUPS,
+    CALIBRATIONS,
+    SCHEMES,
+    knobs_of,
+    layer_conflict,
+)
 
-__all__ = ["ALLOWED_BITS", "FINETUNE_BOUNDS", "SCHEMES", "FinetuneSettings", "LayerPlan", "Plan"]
+__all__ = [
+    "ALLOWED_BITS",
+    "ALLOWED_GROUPS",
+    "CALIBRATIONS",
+    "SCHEMES",
+    "FinetuneSettings",
+    "LayerPlan",
+    "Plan",
+]
 PLAN_VERSION = 1
 
 
@@ -92,16 +107,27 @@ class LayerPlan:
             weights as in Deep Compression).
         rank_ratio: low-rank factorization rank as a fraction of the largest useful rank, in
             (0, 1]; 1.0 means the layer is not factorized.
+        group: with ``scheme="uniform"`` and ``bits <= 8``, how many consecutive weights along
+            the input dimension share one scale (one of ``ALLOWED_GROUPS``); 0 (the default,
+            and what older plans load as) is one scale per output channel.
+
+    Example:
+        >>> LayerPlan(bits=4, group=32).group
+        32
     """
 
     sparsity: float = 0.0
     bits: int = 32
     scheme: str = "uniform"
     rank_ratio: float = 1.0
+    group: int = 0
 
     def __post_init__(self) -> None:
         for spec in knobs_of("layer"):  # rules live in the knob registry (spaces._knobs)
             spec.check(getattr(self, spec.name))
+        msg = layer_conflict({s.name: getattr(self, s.name) for s in knobs_of("layer")})
+        if msg is not None:
+            raise PlanError(msg)
 
     @property
     def is_identity(self) -> bool:
@@ -166,6 +192,9 @@ class Plan:
         finetune: distillation fine-tune settings.
         heads: fraction of attention heads each transformer attention keeps, in (0, 1]; ``None``
             (the default, and what a plan saved without the key loads as) uses ``width``.
+        calibration: how uniform weights are rounded (``CALIBRATIONS``): ``"none"`` (the
+            default) rounds to nearest; ``"gptq"`` runs GPTQ (Frantar et al., 2022) on
+            calibration inputs from the task's train split (``compress._gptq``).
 
     Example:
         >>> p = Plan.uniform(["fc1", "fc2"], sparsity=0.5, bits=4)
@@ -177,6 +206,7 @@ class Plan:
     width: float = 1.0
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     heads: float | None = None
+    calibration: str = "none"
 
     def __post_init__(self) -> None:
         for spec in knobs_of("model"):
@@ -198,6 +228,8 @@ class Plan:
         width: float = 1.0,
         finetune: FinetuneSettings | None = None,
         heads: float | None = None,
+        group: int = 0,
+        calibration: str = "none",
     ) -> Plan:
         """The same knobs for every layer in ``layers`` (a baseline policy).
 
@@ -205,12 +237,15 @@ class Plan:
             >>> Plan.uniform(["fc"], sparsity=0.9, bits=4).layers["fc"].bits
             4
         """
-        lp = LayerPlan(sparsity=sparsity, bits=bits, scheme=scheme, rank_ratio=rank_ratio)
+        lp = LayerPlan(
+            sparsity=sparsity, bits=bits, scheme=scheme, rank_ratio=rank_ratio, group=group
+        )
         return cls(
             layers={n: lp for n in layers},
             width=width,
             finetune=finetune or FinetuneSettings(),
             heads=heads,
+            calibration=calibration,
         )
 
     def replace(self, **changes: Any) -> Plan:
@@ -267,6 +302,8 @@ class Plan:
             out = {k: v for k, v in out.items() if v not in ({}, 1.0) or k == "_version"}
         if self.heads is not None:  # 1.0 is not a default here: it differs from "follow width"
             out["heads"] = self.heads
+        if self.calibration != "none":  # older readers never see the key they do not know
+            out["calibration"] = self.calibration
         return out
 
     def to_json(self, compact: bool = False) -> str:
@@ -286,7 +323,7 @@ class Plan:
                 f"plan _version={version!r} is not supported by this autocompress "
                 f"(supports {PLAN_VERSION}): upgrade autocompress"
             )
-        allowed = {"_type", "_version", "width", "finetune", "layers", "heads"}
+        allowed = {"_type", "_version", "width", "finetune", "layers", "heads", "calibration"}
         extra = set(d) - allowed
         if extra:
             raise PlanError(f"plan has unknown keys {sorted(extra)}: allowed are {sorted(allowed)}")
@@ -319,6 +356,7 @@ class Plan:
             width=d.get("width", 1.0),
             finetune=FinetuneSettings(**ft_raw),
             heads=d.get("heads"),
+            calibration=d.get("calibration", "none"),
         )
 
     @classmethod

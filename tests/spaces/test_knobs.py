@@ -130,5 +130,78 @@ def test_describe_lists_the_offered_knobs_from_the_registry() -> None:
     from autocompress.tasks._models import DigitsMLP
 
     space = CompressionSpace.from_model(DigitsMLP())
-    assert {r["knobs"] for r in space.describe()} == {"sparsity,bits,rank"}
+    assert {r["knobs"] for r in space.describe()} == {"sparsity,bits,rank,group"}
     assert KNOBS["rank_ratio"].offered(space.layers[0]) is None
+
+
+def test_group_knob_rules() -> None:
+    assert LayerPlan(bits=4, group=32).group == 32 and LayerPlan().group == 0
+    for bad in (24, 512, True, "32"):
+        with pytest.raises(PlanError, match=r"^group=.* is not allowed"):
+            LayerPlan(bits=4, group=bad)  # type: ignore[arg-type]
+    for kw in ({"bits": 16}, {"bits": 32}, {"bits": 4, "scheme": "codebook"}):
+        with pytest.raises(PlanError, match="needs scheme 'uniform' and bits <= 8") as e:
+            LayerPlan(group=32, **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(PlanError, match="knob groups"):
+        Knobs(groups=(0, 48))
+    with pytest.raises(PlanError, match="calibration='awq' is unknown"):
+        Plan(calibration="awq")
+    with pytest.raises(PlanError, match="knob calibration"):
+        Knobs(calibration=("gptq", "magic"))
+
+
+def test_group_and_calibration_survive_json_and_old_plans_load() -> None:
+    p = Plan.uniform(["fc1", "fc2"], bits=4, group=64, calibration="gptq")
+    assert Plan.from_json(p.to_json()) == p and Plan.from_json(p.to_json(compact=True)) == p
+    assert '"group":64' in p.deployment_json() and '"calibration":"gptq"' in p.to_json()
+    old = '{"_type":"Plan","_version":1,"layers":{"fc1":{"bits":4,"sparsity":0.5}}}'
+    back = Plan.from_json(old)
+    assert back.layers["fc1"].group == 0 and back.calibration == "none"
+    assert "calibration" not in Plan.uniform(["fc1"], bits=4).to_json()  # older readers load it
+
+
+def test_suggest_samples_groups_only_where_they_mean_something() -> None:
+    import optuna
+
+    from autocompress.spaces import CompressionSpace
+    from autocompress.tasks._models import DigitsMLP
+
+    knobs = Knobs(bits=(4, 16), groups=(0, 32), calibration=("none", "gptq"), sparsity=None)
+    space = CompressionSpace.from_model(DigitsMLP(), knobs)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen_groups, seen_cal = set(), set()
+    for _ in range(40):
+        plan = space.suggest(study.ask())
+        seen_cal.add(plan.calibration)
+        for lp in plan.layers.values():
+            seen_groups.add((lp.bits, lp.group))
+    assert seen_groups == {(4, 0), (4, 32), (16, 0)} and seen_cal == {"none", "gptq"}
+    default = CompressionSpace.from_model(DigitsMLP())
+    plan = default.suggest(optuna.create_study().ask())
+    assert plan.calibration == "none" and all(lp.group == 0 for lp in plan.layers.values())
+
+
+def test_yaml_groups_and_calibration_reach_the_space() -> None:
+    import yaml
+
+    from autocompress.config import build
+
+    text = """
+task: digits-mlp
+space:
+  knobs: {bits: [4, 8], groups: [0, 16, 64], calibration: [none, gptq]}
+  pin: {fc3: {bits: 8, group: 32}}
+"""
+    exp = parse_experiment(yaml.safe_load(text))
+    _, space, _ = build(exp)
+    assert space.knobs.groups == (0, 16, 64) and space.knobs.calibration == ("none", "gptq")
+    assert space.pin["fc3"] == LayerPlan(bits=8, group=32)
+    dumped = yaml.safe_load(yaml.safe_dump(exp.model_dump(mode="json")))
+    assert parse_experiment(dumped) == exp
+    with pytest.raises(ConfigError, match="space.knobs.groups"):
+        parse_experiment({"task": "t", "space": {"knobs": {"groups": [0, 20]}}})
+    with pytest.raises(ConfigError, match="space.knobs.calibration"):
+        parse_experiment({"task": "t", "space": {"knobs": {"calibration": ["awq"]}}})
+    with pytest.raises(ConfigError, match="needs scheme 'uniform'"):
+        build(parse_experiment({"task": "digits-mlp", "space": {"pin": {"fc3": {"group": 32}}}}))
