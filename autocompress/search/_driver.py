@@ -213,7 +213,10 @@ def run(
     ``trials/``; ``"none"`` keeps no trial artifact).
 
     ``address`` (``"auto"``, ``"host:port"``, ``"ray://host:port"``) joins a running cluster,
-    whose nodes must all see ``run_dir`` (a shared filesystem); a Ray already initialized in
+    whose nodes must all reach ``run_dir``: a path on a shared filesystem, or a URI on object
+    storage (``"s3://bucket/prefix"``, ``"gs://..."``, any filesystem pyarrow or fsspec open;
+    see ``search/_storage.py``: trials upload their records and artifacts there, the driver
+    works in a local copy and resumes from the URI alone); a Ray already initialized in
     this process is used as is and never shut down. Ctrl-C (or SIGTERM) stops the search
     gracefully: the tables and the front of the trials so far are written and the result's
     ``message`` says how to resume. ``resume=True`` continues a killed or interrupted run in the
