@@ -9,11 +9,26 @@ from autocompress.errors import AutocompressError
 from autocompress.tasks._base import Task
 from autocompress.tasks._builtin import digits_cnn, digits_mlp, mnist1d_cnn, mnist1d_transformer
 
+
+def minilm() -> Task:
+    """Pretrained all-MiniLM-L6-v2 sentence embeddings (``tasks/_minilm.py``; the ``[hf]``
+    extra), imported only when asked for."""
+    try:
+        from autocompress.tasks._minilm import minilm as build
+    except ImportError as e:
+        raise AutocompressError(
+            f"the minilm task needs transformers ({e.name or e} is missing): "
+            'pip install -e ".[hf]" (or pip install "autocompress[hf]")'
+        ) from None
+    return build()
+
+
 _REGISTRY: dict[str, Callable[[], Task]] = {
     "digits-mlp": digits_mlp,
     "digits-cnn": digits_cnn,
     "mnist1d-cnn": mnist1d_cnn,
     "mnist1d-transformer": mnist1d_transformer,
+    "minilm": minilm,
 }
 
 
