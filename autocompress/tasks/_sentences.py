@@ -37,7 +37,7 @@ def sentences(text: str) -> Iterator[str]:
     """The English-looking sentences of ``text`` (see the module docstring for the rules).
 
     Example:
-        >>> list(sentences("Return the sum of the two numbers given. x = 1\\n\\n>>> f(2)"))
+        >>> list(sentences("Return the sum of the two numbers given. See math.fsum.\\n\\n>>> f(2)"))
         ['Return the sum of the two numbers given.']
     """
     for para in re.split(r"\n\s*\n", text):
