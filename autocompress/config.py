@@ -157,6 +157,9 @@ class ObjectiveConfig(_Strict):
     metrics: list[str] = Field(["accuracy", "size_bytes"], min_length=1)
     constraints: list[str] = ["accuracy_drop <= 0.01"]
     weights: dict[str, float] | None = None
+    score_runtime: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="where the task metric is scored: the PyTorch model or its ONNX form"
+    )
 
 
 class EarlyStopConfig(_Strict):
@@ -383,6 +386,7 @@ def build_objective(exp: Experiment, source: str = "experiment") -> Any:
             list(exp.objective.metrics),
             list(exp.objective.constraints),
             weights=exp.objective.weights,
+            score_runtime=exp.objective.score_runtime,
         )
     except AutocompressError as e:
         raise ConfigError(one_line(f"{source}: objective: {e}")) from None

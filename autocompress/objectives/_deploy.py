@@ -13,7 +13,8 @@ Registered names:
 * ``macs`` and ``bitops`` (minimize): per example (batch 1), dense weight products, from
   :func:`~autocompress.deploy.macs` / :func:`~autocompress.deploy.bitops`.
 * ``onnx_bytes`` (minimize): bytes of the ONNX Runtime deployment file
-  (``to_onnx(model, x, int8="auto")``; the artifact's ``model.onnx`` when it has one).
+  (``to_onnx(model, x, int8="auto")``, or the form the objective scored with
+  ``score_runtime="onnxruntime"``; the artifact's ``model.onnx`` when it has one).
 
 One measurement per model and setting is shared by every metric that needs it: results, the
 exported ONNX forms and the fp32/int8 choice are cached per model object (a weak reference, so
@@ -120,6 +121,7 @@ class _Deployed:
     sessions: dict[tuple[str, int], Any] = field(default_factory=dict)
     choice: dict[tuple[int, int], str] = field(default_factory=dict)
     results: dict[LatencySettings, dict[str, float]] = field(default_factory=dict)
+    pinned: str | None = None  # the form an objective scored (score_runtime): timed and sized
 
 
 _CACHE: weakref.WeakKeyDictionary[Any, _Deployed] = weakref.WeakKeyDictionary()
@@ -179,19 +181,24 @@ def _session(entry: _Deployed, form: str, threads: int) -> OnnxModel:
 
 
 def _chosen(entry: _Deployed, model: Any, task: Task, batch: int, threads: int, who: str) -> str:
-    """The form ``to_onnx(int8="auto")`` picks at ``batch``/``threads`` (timed once)."""
+    """The form ``to_onnx(int8="auto")`` picks at ``batch``/``threads`` (timed once), or the
+    form an objective with ``score_runtime="onnxruntime"`` scored (then every deployment
+    metric reports that one)."""
     from autocompress.deploy import tile_batch
-    from autocompress.deploy._onnx import as_numpy, fastest_form
+    from autocompress.deploy._onnx import as_numpy, choose_form, small_forms
 
     forms = _forms(entry, model, task, who)
+    if entry.pinned is not None:
+        return entry.pinned
     key = (batch, threads)
     if key not in entry.choice:
         if len(forms) == 1:
             entry.choice[key] = next(iter(forms))
         else:
-            sessions = {f: _session(entry, f, threads) for f in forms}
+            small = small_forms(forms)
+            sessions = {f: _session(entry, f, threads) for f in small}
             x = as_numpy(tile_batch(_example(task), batch))
-            entry.choice[key] = fastest_form(sessions, x, threads=threads)
+            entry.choice[key] = choose_form(forms, x, threads=threads, sessions=sessions)
     return entry.choice[key]
 
 

@@ -1,0 +1,119 @@
+"""Scoring in the deployment runtime: the task metric of the ONNX form a trial would ship.
+
+With ``Objective(..., score_runtime="onnxruntime")`` the ``accuracy`` of a candidate (the
+task's metric: accuracy, cosine, ...) is computed by running its ONNX deployment form in ONNX
+Runtime over the split, and constraints on ``accuracy``/``accuracy_drop`` are judged on that
+number. The form is the one ``to_onnx(int8="auto")`` ships (the fastest within 1.25x of the
+smallest file), unless it breaks such a constraint: then the other forms are scored, smallest
+file first, and the first that meets the constraints is reported instead (the low-bit form
+computes exactly the PyTorch model's weights; the int8 form also rounds activations). The
+record says which form and why, as numbers next to the metrics:
+
+* ``onnx_form_<form>`` = 1 for the form scored and deployed (``fp32``, ``int8``, ``lowbit``);
+* ``onnx_score_<form>``: the task score of every form that was scored;
+* ``onnx_form_fallback`` = 1 when the preferred form broke a constraint and another was
+  reported (0 otherwise).
+
+Every deployment metric of the trial (``latency_ms*``, ``speedup*``, ``onnx_bytes``) then
+measures that same form. On the test split the form chosen on validation is reused (read from
+the artifact's ``metrics.json``), so the test score is never used to pick a form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from autocompress.objectives._constraint import Constraint
+from autocompress.objectives._metric import Reference
+
+if TYPE_CHECKING:
+    from autocompress.artifacts import Artifact
+    from autocompress.tasks import Task
+
+LOG = logging.getLogger("autocompress.objectives")
+SCORE_RUNTIMES = ("torch", "onnxruntime")
+SCORE_KEYS = ("accuracy", "accuracy_drop")
+"""Constraints judged on the runtime score."""
+
+
+def _val_choice(artifact: Artifact | None) -> str | None:
+    """The form recorded in the artifact's ``metrics.json`` (chosen on validation), if any."""
+    path = getattr(artifact, "path", None)
+    if path is None or not (path / "metrics.json").is_file():
+        return None
+    try:
+        values = json.loads((path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    values = values.get("metrics", values) if isinstance(values, dict) else {}
+    chosen = [k[len("onnx_form_") :] for k, v in values.items() if k.startswith("onnx_form_")]
+    chosen = [f for f in chosen if f != "fallback" and values[f"onnx_form_{f}"] == 1]
+    return chosen[0] if len(chosen) == 1 else None
+
+
+def _meets(score: float, constraints: Sequence[Constraint], ref: float | None) -> bool:
+    vals = {"accuracy": score}
+    if ref is not None:
+        vals["accuracy_drop"] = ref - score
+    return all(c.value(vals) <= 0 for c in constraints if c.metric in vals)
+
+
+def runtime_scores(
+    model: Any,
+    artifact: Artifact | None,
+    task: Task,
+    split: str,
+    constraints: Sequence[Constraint],
+    reference: Reference | None,
+) -> dict[str, float]:
+    """``accuracy`` of the deployed ONNX form of ``model`` on ``split``, with the form's record
+    (see the module docstring); every deployment metric of ``model`` is pinned to that form."""
+    from autocompress.deploy import OnnxModel
+    from autocompress.deploy._onnx import form_sizes
+    from autocompress.objectives._deploy import DEFAULT_BATCH, _chosen, _entry, _forms, _session
+
+    name = task.metric_name
+    if isinstance(model, OnnxModel):  # already a deployment form: score it as it is
+        score = task.evaluate(model, split)[name]
+        return {"accuracy": score, f"onnx_form_{model.form}": 1.0, "onnx_form_fallback": 0.0}
+    entry = _entry(model)
+    forms = _forms(entry, model, task, "accuracy")
+    ref = reference.scores.get(split) if reference is not None else None
+    judged = [c for c in constraints if c.metric in SCORE_KEYS]
+    recorded = _val_choice(artifact) if split != "val" else None
+    if recorded in forms:
+        order = [recorded]
+    else:
+        entry.pinned = None
+        preferred = _chosen(entry, model, task, DEFAULT_BATCH, 1, "accuracy")
+        sizes = form_sizes(forms)
+        order = [preferred] + sorted((f for f in forms if f != preferred), key=sizes.__getitem__)
+    scores: dict[str, float] = {}
+    chosen = None
+    for form in order:
+        scores[form] = task.evaluate(_session(entry, form, 1), split)[name]
+        if recorded in forms or _meets(scores[form], judged, ref):
+            chosen = form
+            break
+    if chosen is None:  # none meets the constraints: report the best-scoring form
+        chosen = max(scores, key=scores.__getitem__)
+    fallback = chosen != order[0]
+    if fallback:
+        bounds = ", ".join(str(c) for c in judged)
+        LOG.info(
+            "the %s ONNX form scores %.4g on %s, breaking %s: the %s form (%.4g) is reported",
+            order[0],
+            scores[order[0]],
+            split,
+            bounds,
+            chosen,
+            scores[chosen],
+        )
+    entry.pinned = chosen
+    out = {"accuracy": scores[chosen], f"onnx_form_{chosen}": 1.0}
+    out["onnx_form_fallback"] = 1.0 if fallback else 0.0
+    out.update({f"onnx_score_{f}": s for f, s in scores.items()})
+    return out
