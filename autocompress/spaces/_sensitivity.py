@@ -35,12 +35,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from autocompress.spaces._plan import FinetuneSettings, LayerPlan, Plan
 from autocompress.spaces._roles import layer_roles
 
 if TYPE_CHECKING:
+    from autocompress.spaces._discover import LayerInfo
     from autocompress.spaces._space import CompressionSpace
     from autocompress.tasks._base import Task
 
@@ -70,6 +73,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 VERSION = 1
+DEFAULT_BITS = (8, 6, 4, 3)
+"""Bit-widths measured by default (those of them the space offers; all of its own otherwise)."""
 SPARSITY_LEVELS = (0.5, 0.75, 0.9)
 """Sparsity levels tried per unit when the space searches sparsity (at the top bit-width)."""
 HAND = ((8, 8), (8, 4), (6, 8), (6, 4))
@@ -288,14 +293,17 @@ def candidate_settings(
 ) -> tuple[list[LayerPlan], LayerPlan | None]:
     """``(settings to measure, the kept setting or None)`` of one unit, every one in the space.
 
-    Settings: each bit-width of ``bits`` (default: the space's, without 32) at the space's
+    Settings: each bit-width of ``bits`` (default: those of :data:`DEFAULT_BITS` the space
+    offers, else all of the space's but 32) at the space's
     lowest sparsity; with group-wise scales in the space (the ``group`` knob), the finest and
     coarsest group at 4 bits and below; with sparsity searched, :data:`SPARSITY_LEVELS` (or
     ``sparsity``) at the highest bit-width <= 8. The kept setting is the identity when the space
     allows a unit to stay uncompressed.
     """
     k = space.knobs
-    bits_l = sorted({b for b in (bits or k.bits) if b != 32}, reverse=True)
+    if bits is None:  # a few well-spread widths keep the pass cheap; the search tries the rest
+        bits = [b for b in k.bits if b in DEFAULT_BITS] or [b for b in k.bits if b != 32]
+    bits_l = sorted({b for b in bits if b != 32}, reverse=True)
     want: list[dict[str, Any]] = [{"bits": b} for b in bits_l]
     groups = [g for g in getattr(k, "groups", (0,)) or (0,) if g]
     if "group" in KNOBS and groups:
@@ -330,7 +338,7 @@ def sensitivity(
     bits: Iterable[int] | None = None,
     sparsity: Iterable[float] | None = None,
     split: str = "train",
-    examples: int = 128,
+    examples: int = 64,
     run_dir: str | Path | None = None,
     teacher: nn.Module | None = None,
     progress: Callable[[str], None] | None = None,
@@ -357,8 +365,6 @@ def sensitivity(
         raise PlanError(f"split={split!r}: measure sensitivity on 'train' or 'val', never 'test'")
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise PlanError(f"examples={examples!r} must be an integer >= 1 (e.g. 128)")
-    from autocompress.compress import apply, quant_records
-
     t0 = time.perf_counter()
     teacher = (teacher if teacher is not None else task.teacher()).eval()
     order = {n: i for i, n in enumerate(space.layer_names)}
@@ -398,6 +404,7 @@ def sensitivity(
         for n, t in state.items()
         if n not in unit_tensors and n not in aliases and t.numel()
     )
+    work = copy.deepcopy(teacher)  # units are compressed into it in place, then restored
     results, evals = [], 0
     for ukey, members in units.items():
         settings, keep = plans[ukey]
@@ -405,17 +412,14 @@ def sensitivity(
         base = sum(_tensor_bytes(n, state[n], None, search) for n in tensors)
         measured = []
         for lp in settings:
-            plan = Plan(layers=dict.fromkeys(members, lp), finetune=FinetuneSettings(epochs=0))
-            student = apply(teacher, plan)
-            out = _outputs(student, task, calib)
-            recs, sd = quant_records(student), student.state_dict()
-            nbytes = sum(_tensor_bytes(n, sd[n], recs.get(n), search) for n in tensors)
+            with _swapped(work, teacher, [space.layer(m) for m in members], lp) as coded:
+                out = _outputs(work, task, calib)
+            nbytes = sum(_tensor_bytes(n, t, rec, search) for n, (t, rec) in coded.items())
             score = _score(task, out, y, ref)
             measured.append(
                 Measured(asdict(lp), nbytes, teacher_score - score, _distortion(out, ref))
             )
             evals += 1
-            del student
         params = sum(space.layer(m).params for m in members)
         results.append(
             UnitSensitivity(
@@ -439,6 +443,68 @@ def sensitivity(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, sens.to_json().encode())
     return sens
+
+
+def _holder(info: LayerInfo) -> tuple[str, str]:
+    """``(module path, attribute)`` of a layer's weight tensor."""
+    path, _, attr = info.tensor.rpartition(".")
+    return path, attr
+
+
+@contextlib.contextmanager
+def _swapped(
+    work: nn.Module, teacher: nn.Module, infos: Sequence[LayerInfo], lp: LayerPlan
+) -> Iterator[dict[str, tuple[torch.Tensor, Any]]]:
+    """Compress the layers ``infos`` of ``work`` with ``lp`` in place for the ``with`` body,
+    then restore them; yields ``{tensor name: (stored value, quant record)}``.
+
+    The engine itself compresses them (``compress.apply``, post-training) on a container holding
+    copies of just their modules, so the rest of a large model is never copied; the baked
+    weights (and their fp16-exact biases) are then written into ``work``.
+    """
+    from autocompress.compress import apply, quant_records
+
+    container, child_of = nn.Module(), {}
+    for info in infos:
+        path, _ = _holder(info)
+        if path not in child_of:
+            child_of[path] = f"m{len(child_of)}"
+            container.add_module(child_of[path], copy.deepcopy(teacher.get_submodule(path)))
+    names = {}
+    for info in infos:
+        path, attr = _holder(info)
+        names[info.tensor] = (
+            child_of[path]
+            if attr == "weight" and path == info.name
+            else (f"{child_of[path]}.{attr}")
+        )
+    plan = Plan(layers={names[i.tensor]: lp for i in infos}, finetune=FinetuneSettings(epochs=0))
+    baked = apply(container, plan)
+    recs = quant_records(baked)
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    coded: dict[str, tuple[torch.Tensor, Any]] = {}
+    try:
+        with torch.no_grad():
+            for info in infos:
+                path, attr = _holder(info)
+                child = baked.get_submodule(child_of[path])
+                pairs = [(attr, f"{child_of[path]}.{attr}")]
+                if attr == "weight" and isinstance(getattr(child, "bias", None), torch.Tensor):
+                    pairs.append(("bias", f"{child_of[path]}.bias"))
+                for a, key in pairs:
+                    target = getattr(work.get_submodule(path), a)
+                    new = getattr(child, a).detach()
+                    if new.shape != target.shape:
+                        raise PlanError(f"{info.name}: the setting changes its shape")
+                    saved.append((target, target.detach().clone()))
+                    target.copy_(new)
+                    if a == attr:
+                        coded[info.tensor] = (new, recs.get(key))
+        yield coded
+    finally:
+        with torch.no_grad():
+            for target, original in reversed(saved):
+                target.copy_(original)
 
 
 def _batch_y(c: tuple[Any, Any]) -> range:

@@ -55,7 +55,8 @@ def test_fragile_layer_ranked_most_sensitive() -> None:
 
 def test_measures_each_setting_with_real_bytes() -> None:
     task = _task()
-    sens = sensitivity(task, _space(task, bits=(2, 4, 8, 32)), examples=32)
+    space = _space(task, bits=(2, 4, 5, 8, 32))
+    sens = sensitivity(task, space, bits=(2, 4, 8), examples=32)
     assert [u.key for u in sens.units] == ["emb", "fc1", "fc2", "head"]
     assert sens.evaluations == 4 * 3 and sens.examples == 32
     for u in sens.units:
@@ -66,6 +67,8 @@ def test_measures_each_setting_with_real_bytes() -> None:
         assert all(m.distortion >= 0 for m in u.settings)
     assert sens.other_bytes > 0  # biases: outside the units, still counted
     assert sens.teacher_bytes == sens.other_bytes + sum(u.base_bytes for u in sens.units)
+    default = sensitivity(task, space, examples=8)  # the space's widths among 8/6/4/3
+    assert [m.knobs["bits"] for m in default.unit("fc1").settings] == [8, 4]
 
 
 def test_grouped_space_is_measured_per_group() -> None:
@@ -124,3 +127,31 @@ def test_refuses_test_split_and_bad_sizes() -> None:
         sensitivity(task, space, split="test")
     with pytest.raises(PlanError, match="examples=0"):
         sensitivity(task, space, examples=0)
+
+
+@pytest.mark.parametrize("zoo", ["lstm", "transformer-encoder", "gpt2"])
+def test_in_place_unit_equals_the_engine_on_the_whole_model(zoo: str) -> None:
+    from autocompress._zoo import ZOO, zoo_inputs
+    from autocompress.compress import apply
+    from autocompress.spaces import LayerPlan, Plan
+    from autocompress.spaces._sensitivity import _swapped
+    from autocompress.tasks._batch import call_model, pick_output
+
+    if ZOO[zoo].hf:
+        pytest.importorskip("transformers")
+    teacher = ZOO[zoo].build()
+    work = ZOO[zoo].build()
+    x = zoo_inputs(zoo, 4)
+    space = CompressionSpace.from_model(teacher)
+    before = {k: v.clone() for k, v in work.state_dict().items()}
+    for infos in ([space.layers[0]], space.layers[1:3]):  # tied/param-level layers included
+        lp = LayerPlan(bits=3)
+        with torch.no_grad(), _swapped(work, teacher, infos, lp) as coded:
+            got = pick_output(call_model(work, x))
+        full = apply(teacher, Plan(layers={i.name: lp for i in infos}))
+        with torch.no_grad():
+            want = pick_output(call_model(full, x))
+        assert torch.equal(got, want)
+        assert set(coded) == {i.tensor for i in infos}
+    after = work.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # restored
