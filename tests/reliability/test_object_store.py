@@ -85,11 +85,9 @@ def _keys(prefix: str) -> list[str]:
 
 
 def _n_records(prefix: str) -> int:
-    return sum(
-        1
-        for k in _keys(f"{prefix}/records/")
-        if k.endswith(".json") and k.count("/") == 2 and not k.rsplit("/", 1)[1].startswith(".")
-    )
+    """Finished trial records in the bucket (not the adoption pool, not temporary claims)."""
+    names = [k.removeprefix(f"{prefix}/records/") for k in _keys(f"{prefix}/records/")]
+    return sum(1 for n in names if n.endswith(".json") and "/" not in n and n[0] != ".")
 
 
 def _download(uri: str, to: Path) -> Path:
