@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py            # 60 no-work trials, 2 x 100 real trials (~5 min)
     python benchmarks/overhead.py --quick    # 12 and 2 x 10 trials (~2 min)
+    python benchmarks/overhead.py --storage  # local run_dir before/after object storage, s3://
 
 Both use the real product path (``autocompress.search.run``: Optuna sampling, Ray Tune
 scheduling with reused actors, trial records, reporting, the Optuna journal study) on digits-mlp.
@@ -474,8 +475,164 @@ def fidelity_main() -> None:
         fidelity_section(rows, s, cmd, extra)
 
 
+# ----------------------------------------------------------------------------- storage
+
+BASE = "7879ced"
+"""The last commit before ``run_dir`` could be a URI (search/_storage.py): the "before" code."""
+
+
+def storage_child(n: int, run_dir: str, s3: bool) -> None:
+    """One no-work search (one worker) in this process; prints its framework gaps as JSON.
+
+    Run by :func:`storage_main` in a subprocess whose ``PYTHONPATH`` selects the autocompress
+    source (the current tree or :data:`BASE`'s). With ``s3``, a moto S3 server runs in this
+    process and ``run_dir`` is a URI on it (the gaps then come from the driver's mirror).
+    """
+    import json
+    import os
+    import socket
+
+    import autocompress
+
+    if s3:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench",
+            AWS_SECRET_ACCESS_KEY="bench",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        )
+        boto3.client("s3").create_bucket(Bucket="bench")
+    init_ray(2)
+    task = get_task("digits-mlp")
+    from autocompress.objectives import Objective
+    from autocompress.search import run
+
+    target: str | Path = run_dir if s3 else Path(run_dir)
+    if not s3:
+        import shutil
+
+        shutil.rmtree(run_dir, ignore_errors=True)
+    objective = Objective(["accuracy", "size_bytes"], constraints=["accuracy_drop <= 0.01"])
+    res = run(
+        task, no_work_space(task), objective, trials=n, workers=1, baselines=[],
+        run_dir=target, progress=False,
+    )  # fmt: skip
+    g = gaps(timeline(res.run_dir))
+    print("STORAGE " + json.dumps({"gaps": g, "source": autocompress.__file__}), flush=True)
+
+
+def storage_main(args: argparse.Namespace) -> None:
+    """Framework overhead per trial with a local run_dir, before (:data:`BASE`) and now, and
+    with an ``s3://`` run_dir on a local moto server, interleaved in rounds to share the noise."""
+    import json
+    import os
+    import subprocess
+
+    n = args.n_free or (12 if args.quick else 40)
+    rounds = 1 if args.quick else 3
+    src = RUNS / "storage-before-src"
+    import shutil
+
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", args.base, "autocompress"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    variants = {
+        f"local run_dir, before (git {args.base})": (str(src), False),
+        "local run_dir, now": (str(ROOT), False),
+        "s3:// run_dir, now (moto server on this machine)": (str(ROOT), True),
+    }
+    got: dict[str, list[list[float]]] = {k: [] for k in variants}
+    load_before = loadavg()
+    for r in range(rounds):
+        for i, (name, (path, s3)) in enumerate(variants.items()):
+            run_dir = f"s3://bench/r{r}" if s3 else str(RUNS / f"storage-{r}-{i}")
+            env = {**os.environ, "PYTHONPATH": path}
+            cmd = [sys.executable, __file__, "--storage-child", "--n", str(n), "--run-dir", run_dir]
+            out = subprocess.run(
+                cmd + (["--s3"] if s3 else []), env=env, capture_output=True, text=True
+            )
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("STORAGE ")), None)
+            if line is None:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            data = json.loads(line.removeprefix("STORAGE "))
+            assert data["source"].startswith(path), (name, data["source"])  # the right code
+            got[name].append(data["gaps"])
+            log(f"round {r} {name}: median gap {1e3 * statistics.median(data['gaps']):.1f} ms")
+    load_after = loadavg()
+    med = {k: statistics.median([g for run in v for g in run]) for k, v in got.items()}
+    before, now, s3_name = list(variants)
+    rows = [
+        {
+            "run_dir": k,
+            "framework ms / trial: median": f"{1e3 * med[k]:.1f}",
+            "p10 / p90": " / ".join(
+                f"{1e3 * q([g for run in v for g in run], p):.1f}" for p in (0.1, 0.9)
+            ),
+            "per round (median ms)": ", ".join(f"{1e3 * statistics.median(x):.1f}" for x in v),
+            "vs before": f"{med[k] / med[before]:.2f}x",
+        }
+        for k, v in got.items()
+    ]
+    ratio = med[now] / med[before]
+    print(table(rows, list(rows[0])))
+    body = (
+        f"1-minute load average before: {load_before}; after: {load_after} (shared cores: "
+        "noisy; the variants run interleaved, round by round, to share the noise).\n\n"
+        f"The no-work search of *Framework overhead* ({n} trials, one worker, one-point space) "
+        f"in {rounds} round(s) of three fresh processes each: the code before `run_dir` could "
+        f"be a URI (`git archive {args.base}`), the code now with the same local `run_dir`, "
+        "and the code now with `run_dir=s3://...` on a moto S3 server in the driver's process "
+        "(trials read and write their records on the bucket, the driver pulls each record). "
+        "Framework cost per trial is the gap between one trial's end and the next one's start "
+        "in the trial records, pooled over the rounds.\n\n"
+        + table(rows, list(rows[0]))
+        + f"\nLocal run_dir, now vs before: **{ratio:.2f}x** (target: within 10%: "
+        f"**{'met' if ratio <= 1.1 else 'missed'}**). With `s3://` the per-trial cost is "
+        f"{1e3 * (med[s3_name] - med[now]):.0f} ms more here (a few object reads and writes "
+        "per trial; on a real object store add its round-trip times).\n"
+    )
+    if not args.no_write:
+        cmd = "python benchmarks/overhead.py --storage" + (" --quick" if args.quick else "")
+        cmd += f" --n-free {args.n_free}" if args.n_free else ""
+        write_section(
+            "overhead-storage", "Framework overhead: local vs object-storage run_dir", cmd, body
+        )
+
+
+def storage_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--storage", action="store_true")
+    ap.add_argument("--storage-child", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--n-free", type=int, default=None)
+    ap.add_argument("--base", default=BASE)
+    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--run-dir", default="")
+    ap.add_argument("--s3", action="store_true")
+    return ap.parse_args()
+
+
 if __name__ == "__main__":
     if "--fidelity" in sys.argv:
         fidelity_main()
+    elif "--storage-child" in sys.argv:
+        a = storage_args()
+        storage_child(a.n, a.run_dir, a.s3)
+    elif "--storage" in sys.argv:
+        storage_main(storage_args())
     else:
         main()
