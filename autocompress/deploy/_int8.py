@@ -68,12 +68,19 @@ def _unit_rows(w: np.ndarray) -> np.ndarray:
 
 
 def int8_eligible(record: QuantRecord | None) -> bool:
-    """True for a weight the int8 form runs in int8: uniform scheme, <= 8 bits.
+    """True for a weight the int8 form runs in int8: uniform scheme, <= 8 bits, one scale per
+    output channel.
 
-    Codebook weights (arbitrary centroids) are not on a uniform grid, so int8 would change them;
-    they stay fp32 in ONNX.
+    Codebook weights (arbitrary centroids) are not on a uniform grid, and group-wise weights
+    have several scales per channel (ONNX Runtime's int8 weights take one), so int8 would change
+    them; the int8 form carries them as the low-bit form does (``_lowbit``).
     """
-    return record is not None and record.scheme == "uniform" and record.bits <= 8
+    return (
+        record is not None
+        and record.scheme == "uniform"
+        and record.bits <= 8
+        and not getattr(record, "group", 0)
+    )
 
 
 def _low_bit_weights(model: nn.Module) -> list[_Weight]:

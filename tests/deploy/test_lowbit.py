@@ -120,9 +120,7 @@ def _groupwise(model: nn.Module, bits: int, group: int) -> nn.Module:
             full = scale.repeat_interleave(group, dim=1)[:, :n_in]
             codes = torch.where(full > 0, torch.round(w / full.clamp(min=1e-30)), 0.0)
             w.copy_(torch.clamp(codes, -qmax, qmax) * full)
-            rec = QuantRecord(bits, "uniform", scale=scale)
-            rec.group = group  # type: ignore[attr-defined]  # a field once the engine has it
-            records[f"{name}.weight"] = rec
+            records[f"{name}.weight"] = QuantRecord(bits, "uniform", scale=scale, group=group)
     set_quant_records(model, records)
     return model
 
@@ -145,6 +143,24 @@ def test_groupwise_records_keep_their_groups(bits: int, group: int) -> None:
     )
     # 48 inputs in groups of 32: the last block is partial, as the record's last scale
     _assert_exact(forms["lowbit"], model, zoo_inputs("bert", 4, seed=2))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_engine_groupwise_plan_is_exact(bits: int, tmp_path: Path) -> None:
+    """Group-wise records made by the engine (Plan group=32): blocks = groups, exact."""
+    model = _bert()
+    layers = [i.name for i in discover_layers(model)[0]]
+    plan = Plan.uniform(layers, bits=bits, group=32)
+    q = apply(model, plan)
+    assert {r.group for r in quant_records(q).values()} == {32}
+    x = zoo_inputs("bert", 3)
+    forms = deploy_forms(q, x, int8=False)
+    how = json.loads(
+        {p.key: p.value for p in onnx.load_from_string(forms["lowbit"]).metadata_props}[LOWBIT_KEY]
+    )
+    assert not any(v.startswith("fp32") for v in how.values())
+    assert how["bert.embeddings.word_embeddings.weight"].endswith("block 32 (group 32)")
+    _assert_exact(forms["lowbit"], q, zoo_inputs("bert", 5, seed=1))
 
 
 def test_size_within_the_artifact_budget(tmp_path: Path) -> None:

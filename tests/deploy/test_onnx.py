@@ -124,7 +124,8 @@ def test_auto_writes_one_of_the_forms(digits_mlp: Task, tmp_path) -> None:
     plan = Plan.uniform(["fc1", "fc2", "fc3"], bits=8, finetune=FinetuneSettings(epochs=0))
     model = apply(digits_mlp.teacher(), plan)
     path = to_onnx(model, digits_mlp.example_input(), tmp_path / "a.onnx", batch_size=64)
-    assert load_onnx(path, threads=1).form in ("fp32", "int8")  # which one is a timing matter
+    # which one is a timing matter; fp32 is 4x the 8-bit forms' file, so never shipped
+    assert load_onnx(path, threads=1).form in ("lowbit", "int8")
 
 
 def test_dynamo_exporter_gives_the_same_graph_outputs() -> None:
