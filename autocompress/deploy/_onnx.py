@@ -112,11 +112,11 @@ def deploy_forms(
     if int8:
         q = int8_form(_copy(fp32), model)
         if q is not None:
-            low, _ = lowbit_form(q, model)  # its embeddings and other weights as codes too
+            low, _ = _lowbit(_copy(q), model)  # its embeddings and other weights as codes too
             q = set_form(low, "int8") if low is not None else q
             out["int8"] = q.SerializeToString()
     if lowbit:
-        low, conv = lowbit_form(_copy(fp32), model)
+        low, conv = _lowbit(_copy(fp32), model)
         for name, why in conv.kept.items():
             LOG.info("low-bit ONNX form: %s stays fp32: %s", name, why)
         if low is not None:
@@ -127,6 +127,18 @@ def deploy_forms(
             else:
                 LOG.warning("low-bit ONNX form not offered: %s; fp32/int8 forms used", why)
     return out
+
+
+def _lowbit(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelProto | None, Any]:
+    """:func:`lowbit_form`, or no form (with a warning) if the conversion itself fails: the
+    fp32/int8 forms are still offered."""
+    from autocompress.deploy._lowbit import Conversion
+
+    try:
+        return lowbit_form(proto, model)
+    except Exception as e:  # noqa: BLE001 - an unforeseen graph: keep the other forms
+        LOG.warning("low-bit ONNX form not built (%s: %s)", type(e).__name__, e)
+        return None, Conversion()
 
 
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
