@@ -510,7 +510,19 @@ def storage_child(n: int, run_dir: str, s3: bool) -> None:
             AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
         )
         boto3.client("s3").create_bucket(Bucket="bench")
-    init_ray(2)
+    import logging
+
+    import ray
+
+    for k, v in {"RAY_AIR_NEW_OUTPUT": "0", "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(k, v)
+    ray.init(  # "local": a private Ray, never another user's cluster on this machine
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     task = get_task("digits-mlp")
     from autocompress.objectives import Objective
     from autocompress.search import run
