@@ -61,10 +61,15 @@ class SyncRemoteRun(Callback):
         from autocompress.search._storage import Remote
 
         remote = Remote(self.uri)
-        remote.pull_record(Path(self.mirror), str(trial.trial_id))
-        if time.monotonic() - self._pushed > JOURNAL_PUSH_S:
-            remote.push(Path(self.mirror), [STUDY_FILE])
-            self._pushed = time.monotonic()
+        try:  # a passing network error must not stop the search: the end pulls every record
+            remote.pull_record(Path(self.mirror), str(trial.trial_id))
+            if time.monotonic() - self._pushed > JOURNAL_PUSH_S:
+                remote.push(Path(self.mirror), [STUDY_FILE])
+                self._pushed = time.monotonic()
+        except Exception as e:
+            import logging
+
+            logging.getLogger(__name__).warning("syncing with %s failed: %s", self.uri, e)
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
