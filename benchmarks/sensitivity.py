@@ -41,7 +41,6 @@ from _md import table, write_section  # noqa: E402
 from _search_common import (  # noqa: E402
     ROOT,
     front_hv,
-    init_ray,
     loadavg,
     log,
     search,
@@ -114,6 +113,14 @@ def make_task(name: str) -> Task:
     return get_task(name)
 
 
+def knobs_of(task: Task) -> Knobs:
+    """The searched knobs: bits only on the tiny BERT; on MiniLM also group-wise scales (as
+    ``experiments/minilm.yaml``), since per-channel 4-bit Linear layers lose too much there."""
+    if task.name == "minilm":
+        return Knobs(bits=(3, 4, 5, 6, 8), sparsity=None, groups=(0, 32, 128))
+    return Knobs(bits=BITS, sparsity=None)
+
+
 def _median_trial(res: Any) -> float:
     d = res.trials[res.trials["status"] == "COMPLETE"]["duration_s"].astype(float)
     return float(d.median()) if len(d) else float("nan")
@@ -125,9 +132,7 @@ def run_one(task: Task, method: str, seed: int, trials: int, examples: int) -> d
     from autocompress.search._searcher import default_baselines, warm_start_size
 
     model = task.teacher()
-    flat = CompressionSpace.from_model(
-        model, Knobs(bits=BITS, sparsity=None), finetune=FinetuneSettings(epochs=0)
-    )
+    flat = CompressionSpace.from_model(model, knobs_of(task), finetune=FinetuneSettings(epochs=0))
     space = flat if method == "old" else group_by_role(flat)
     rd = RUNS / task.name / f"{method}-s{seed}"
     plans, sens = None, None
@@ -231,6 +236,21 @@ def _summary(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _init_ray(cpus: int) -> None:
+    """A private local Ray for this script (``address="local"``: never another agent's)."""
+    import logging
+    import os
+
+    for k, v in {"RAY_AIR_NEW_OUTPUT": "0", "RAY_AUTH_MODE": "disabled",
+                 "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_DEDUP_LOGS": "0"}.items():  # fmt: skip
+        os.environ.setdefault(k, v)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["tiny-bert"])
@@ -244,7 +264,7 @@ def main() -> None:
     if args.quick:
         args.trials, args.seeds = 12, [0]
     log(f"load average before: {loadavg()}")
-    init_ray(2)
+    _init_ray(2)
     rows = []
     for name in args.models:
         task = make_task(name)
@@ -253,9 +273,10 @@ def main() -> None:
                 rows.append(run_one(task, method, seed, args.trials, args.examples))
     log(f"load average after: {loadavg()}")
     body = (
-        "Post-training plans (no fine-tune), bits "
-        f"{list(BITS)} per knob set, no sparsity; objective score (mean cosine to the teacher's "
-        "embeddings) vs real bytes, constraint `accuracy_drop <= 0.01`; "
+        "Post-training plans (no fine-tune), no sparsity, bits "
+        f"{list(BITS)} per knob set on the tiny BERT; on MiniLM bits [3, 4, 5, 6, 8] and "
+        "group-wise scales [0, 32, 128] (as `experiments/minilm.yaml`); objective score (mean "
+        "cosine to the teacher's embeddings) vs real bytes, constraint `accuracy_drop <= 0.01`; "
         f"{args.trials} trials per search, 2 workers. `old`: one knob set per layer + the default "
         "uniform warm start; `grouped`: knob sets by role x depth (`spaces.group_by_role`) + the "
         "same warm start; `new`: grouped + the sensitivity pass's greedy plans and the hand-style "
