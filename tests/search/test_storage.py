@@ -140,6 +140,38 @@ def test_unreachable_endpoint_is_one_line(s3: str) -> None:
     assert "cannot be used" in _one_line(e) and "endpoint" in str(e.value)
 
 
+def test_refused_credentials_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 endpoint that answers 403 to everything (what S3 says to unknown keys)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Deny(BaseHTTPRequestHandler):
+        def _deny(self) -> None:
+            body = b"<Error><Code>InvalidAccessKeyId</Code><Message>no</Message></Error>"
+            self.send_response(403)
+            self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _deny
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unknown")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    try:
+        uri = f"s3://b/run?endpoint_override=127.0.0.1:{server.server_port}&scheme=http"
+        with pytest.raises(ConfigError) as e:
+            Remote(uri).check_access()
+        assert "the credentials are refused" in _one_line(e)
+    finally:
+        server.shutdown()
+
+
 def test_missing_run_is_one_line(s3: str) -> None:
     from autocompress.search import SearchResult
 
