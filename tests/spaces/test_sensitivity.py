@@ -155,3 +155,14 @@ def test_in_place_unit_equals_the_engine_on_the_whole_model(zoo: str) -> None:
         assert set(coded) == {i.tensor for i in infos}
     after = work.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # restored
+
+
+def test_group_wise_scales_are_measured_at_low_bits() -> None:
+    task = _task()
+    space = _space(task, bits=(3, 4, 8), groups=(0, 16, 32))
+    sens = sensitivity(task, space, examples=8)
+    got = [(m.knobs["bits"], m.knobs["group"]) for m in sens.unit("fc2").settings]
+    assert got == [(8, 0), (4, 0), (3, 0), (4, 16), (4, 32), (3, 16), (3, 32)]
+    fc2 = {(m.knobs["bits"], m.knobs["group"]): m for m in sens.unit("fc2").settings}
+    assert fc2[(4, 16)].bytes > fc2[(4, 0)].bytes  # two fp16 scales per row instead of one
+    assert fc2[(4, 32)].bytes == fc2[(4, 0)].bytes  # 32 inputs: one group is the whole row
