@@ -548,23 +548,35 @@ def storage_main(args: argparse.Namespace) -> None:
     import os
     import subprocess
 
-    n = args.n_free or (12 if args.quick else 40)
-    rounds = 1 if args.quick else 3
-    src = RUNS / "storage-before-src"
+    n = args.n_free or (12 if args.quick else 60)
+    rounds = 1 if args.quick else 4
     import shutil
 
-    shutil.rmtree(src, ignore_errors=True)
-    src.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", args.base, "autocompress"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    def tree(rev: str) -> tuple[str, str]:
+        """The autocompress package of commit ``rev`` (``git archive``), and its short hash:
+        committed code only, never another change in progress in the working tree."""
+        short = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        src = RUNS / f"storage-src-{short}"
+        shutil.rmtree(src, ignore_errors=True)
+        src.mkdir(parents=True)
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", rev, "autocompress"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        return str(src), short
+
+    (old_src, old_rev), (new_src, new_rev) = tree(args.base), tree(args.now)
     variants = {
-        f"local run_dir, before (git {args.base})": (str(src), False),
-        "local run_dir, now": (str(ROOT), False),
-        "s3:// run_dir, now (moto server on this machine)": (str(ROOT), True),
+        f"local run_dir, before object storage (git {old_rev})": (old_src, False),
+        f"local run_dir, now (git {new_rev})": (new_src, False),
+        f"s3:// run_dir, now (git {new_rev}; moto server on this machine)": (new_src, True),
     }
     got: dict[str, list[list[float]]] = {k: [] for k in variants}
     load_before = loadavg()
@@ -605,7 +617,8 @@ def storage_main(args: argparse.Namespace) -> None:
         "noisy; the variants run interleaved, round by round, to share the noise).\n\n"
         f"The no-work search of *Framework overhead* ({n} trials, one worker, one-point space) "
         f"in {rounds} round(s) of three fresh processes each: the code before `run_dir` could "
-        f"be a URI (`git archive {args.base}`), the code now with the same local `run_dir`, "
+        f"be a URI (`git archive {old_rev}`), the code now (`git archive {new_rev}`) with the "
+        "same local `run_dir`, "
         "and the code now with `run_dir=s3://...` on a moto S3 server in the driver's process "
         "(trials read and write their records on the bucket, the driver pulls each record). "
         "Framework cost per trial is the gap between one trial's end and the next one's start "
@@ -632,6 +645,7 @@ def storage_args() -> argparse.Namespace:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--n-free", type=int, default=None)
     ap.add_argument("--base", default=BASE)
+    ap.add_argument("--now", default="HEAD")
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--run-dir", default="")
     ap.add_argument("--s3", action="store_true")
