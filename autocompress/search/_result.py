@@ -70,7 +70,10 @@ class SearchResult:
 
         if is_uri(run_dir):
             local, remote = open_run(str(run_dir))
-            return replace(cls.load(local), source=remote.uri if remote else None)
+            try:
+                return replace(cls.load(local), source=str(run_dir))
+            except AutocompressError as e:  # name the URI, not the local copy
+                raise AutocompressError(str(e).replace(str(local), str(run_dir))) from None
         d = Path(run_dir)
         path = d / "result.json"
         if not d.is_dir():
@@ -240,7 +243,8 @@ class SearchResult:
         cons = "; ".join(self.objective["constraints"]) or "none"
         tv, tt = self.teacher.get("val", {}), self.teacher.get("test", {})
         lines = [
-            f"run {self.source or self.run_dir}: {len(t)} trials ({n_ok} complete, {n_fail} failed{stopped}), "
+            f"run {self.source or self.run_dir}: {len(t)} trials "
+            f"({n_ok} complete, {n_fail} failed{stopped}), "
             f"{n_feas} feasible, front {len(self.pareto)}",
             f"teacher: accuracy {tv.get('accuracy', float('nan')):.4f} val / "
             f"{tt.get('accuracy', float('nan')):.4f} test, {self.teacher['size_bytes']:,} bytes",
