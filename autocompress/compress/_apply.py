@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from autocompress.compress._finetune import distill, soft_targets, streamed_train
+from autocompress.compress._gptq import calibrate, calibration_inputs
 from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import set_quant_records
 from autocompress.compress._quant import (
@@ -75,8 +76,11 @@ def apply(
 
     Order: structured width shrink (torch-pruning, weights inherited) -> low-rank SVD
     factorization -> magnitude pruning (masks kept) -> k-bit quantization with straight-through
-    fake quantization -> distillation fine-tune from ``teacher`` (default: ``model`` itself) on
-    ``task``'s data, if ``task`` is given and ``plan.finetune.epochs > 0``. The result's weights
+    fake quantization (with ``plan.calibration == "gptq"``: GPTQ rounding from
+    ``CALIBRATION_SAMPLES`` train examples of ``task``, pruning then happens at once before
+    it; see ``compress._gptq``) -> distillation fine-tune from ``teacher`` (default: ``model``
+    itself) on ``task``'s data, if ``task`` is given and ``plan.finetune.epochs > 0``, starting
+    from GPTQ's rounding and keeping its scales. The result's weights
     are baked to the exact values an artifact stores. ``device="cuda"`` fine-tunes on a GPU
     (the input model stays where it is); the result is always returned on the CPU.
     ``stop(epochs_run, best_val)`` may end the fine-tune early (see ``distill``); a codebook
@@ -95,6 +99,11 @@ def apply(
         True
     """
     check_plan(model, plan)
+    if plan.calibration != "none" and task is None:
+        raise PlanError(
+            f"calibration={plan.calibration!r} needs calibration inputs from a task's train "
+            "split: pass task= or use calibration='none'"
+        )
     if example_input is None:
         if task is None and (plan.width < 1.0 or plan.head_fraction < 1.0):
             raise PlanError(
@@ -115,17 +124,25 @@ def apply(
         student = student.to(device)
         if teacher_outputs is None or streamed_train(task):  # else the teacher is not run
             teacher = copy.deepcopy(teacher).to(device)
-    if task is None or ft.epochs == 0:
+    calibrated = False
+    if plan.calibration == "gptq":
+        # GPTQ rounds against the final masks: pruning happens at once, before it.
         set_sparsity(student, 1.0)
-        return bake(student).eval()
+        calibrate(student.to(device), calibration_inputs(task), device)  # type: ignore[arg-type]
+        calibrated = True
+    if task is None or ft.epochs == 0:
+        if not calibrated:
+            set_sparsity(student, 1.0)
+        return bake(student.cpu()).eval()
     # Gradual magnitude pruning over the first part of the fine-tune (or at once if ramp == 0);
     # codebook layers are then clustered and their centroids fine-tuned (Deep Compression's
     # prune -> retrain -> share weights).
     codebooks = has_pending_codebooks(student)
     epochs = max(1, ft.epochs // 2) if codebooks else ft.epochs
-    sparse = any(lp.sparsity > 0 for lp in plan.layers.values())
+    sparse = any(lp.sparsity > 0 for lp in plan.layers.values()) and not calibrated
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
-    set_sparsity(student, 0.0 if ramp_epochs else 1.0)
+    if not calibrated:  # after GPTQ the masks are final (a re-derived one could differ)
+        set_sparsity(student, 0.0 if ramp_epochs else 1.0)
     soft = teacher_outputs if teacher_outputs is not None else soft_targets(teacher, task)
     first = distill(
         student,

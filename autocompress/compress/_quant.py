@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from autocompress.compress._meta import QuantRecord, fp16_exact, quant_records, set_quant_records
@@ -151,10 +152,20 @@ class UniformFakeQuant(MaskWeight):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         w = w * self.mask
-        s = scale_grid(self.scale(w), w, self.axis, self.group)
-        x = w / s
-        q = x + (torch.clamp(torch.round(x), -qmax(self.bits), qmax(self.bits)) - x).detach()
-        return q * s
+        if self.group:  # (out, groups, group) views: no per-weight copy of the scales
+            rows = as_rows(w, self.axis)
+            n, pad = rows.shape[1], -rows.shape[1] % self.group
+            blocks = F.pad(rows, (0, pad)).reshape(rows.shape[0], -1, self.group)
+            s = self.scale(w)[:, :, None]
+            out = _ste_round(blocks / s, self.bits) * s
+            return from_rows(out.reshape(rows.shape[0], -1)[:, :n], w, self.axis)
+        s = scale_grid(self.scale(w), w, self.axis)
+        return _ste_round(w / s, self.bits) * s
+
+
+def _ste_round(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x`` rounded onto ``[-qmax, qmax]``, with a straight-through (identity) gradient."""
+    return x + (torch.clamp(torch.round(x), -qmax(bits), qmax(bits)) - x).detach()
 
 
 class PendingCodebook(MaskWeight):
