@@ -170,7 +170,11 @@ def import_baseline() -> int | None:
 
 
 def driver_peak() -> int:
-    """This process's peak resident set size in bytes (``ru_maxrss`` is KiB on Linux)."""
+    """This process's peak resident set size in bytes: ``VmHWM`` of its own address space
+    (``ru_maxrss`` would carry the peak of a parent over ``exec``, e.g. benchmarks/scale.py's)."""
+    hwm = _vm_hwm(os.getpid())
+    if hwm is not None:
+        return hwm
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
