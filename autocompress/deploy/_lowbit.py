@@ -229,6 +229,21 @@ class _Graph:
         self.g.initializer.append(numpy_helper.from_array(a, name))
         return name
 
+    def scales(self, base: str, a: np.ndarray, nodes: list[onnx.NodeProto]) -> str:
+        """fp32 scales ``a``, stored as fp16 when that is exact (the engine's scales are)
+        behind a ``Cast`` appended to ``nodes`` (folded by ONNX Runtime at session start)."""
+        a = a.astype(np.float32)
+        half = a.astype(np.float16)
+        if not np.array_equal(half.astype(np.float32), a):
+            return self.const(base, a)
+        name = self.fresh(f"{base}_f32")
+        nodes.append(
+            helper.make_node(
+                "Cast", [self.const(f"{base}_f16", half)], [name], to=onnx.TensorProto.FLOAT
+            )
+        )
+        return name
+
     def drop_unused(self) -> None:
         used = {i for n in self.g.node for i in n.input} | {o.name for o in self.g.output}
         keep = [i for i in self.g.initializer if i.name in used]
@@ -254,7 +269,7 @@ def _decoded_int8(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
     qf, w = gr.fresh(f"{tag}_qf"), gr.fresh(f"{tag}_w")
     if not c.group:
         q = gr.const(f"{tag}_q8", np.ascontiguousarray(c.codes.astype(np.int8).T))  # (in, out)
-        s = gr.const(f"{tag}_scale", c.scale.astype(np.float32))
+        s = gr.scales(f"{tag}_scale", c.scale, nodes)
         nodes.append(helper.make_node("Cast", [q], [qf], to=onnx.TensorProto.FLOAT))
         nodes.append(helper.make_node("Mul", [qf, s], [w]))
     else:
@@ -262,7 +277,7 @@ def _decoded_int8(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
         codes = np.zeros((n, nb * g), np.int8)
         codes[:, :k] = c.codes
         q = gr.const(f"{tag}_q8", codes.reshape(n, nb, g))
-        s = gr.const(f"{tag}_scale", c.scale.astype(np.float32)[:, :, None])
+        s = gr.scales(f"{tag}_scale", c.scale[:, :, None], nodes)
         shape = gr.const(f"{tag}_shape", np.array([n, nb * g], np.int64))
         start, stop = (
             gr.const(f"{tag}_k0", np.array([0], np.int64)),
@@ -296,7 +311,8 @@ def _matmul_nbits(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
     u[:, :k] = (c.codes + zp).astype(np.uint8)
     packed = _pack(u, slot).reshape(n, nb, block * slot // 8)
     b = gr.const(f"{tag}_q{slot}", packed)
-    s = gr.const(f"{tag}_scales", _block_scales(c, block).astype(np.float32).reshape(-1))
+    nodes: list[onnx.NodeProto] = []
+    s = gr.scales(f"{tag}_scales", _block_scales(c, block).reshape(-1), nodes)
     node = helper.make_node(
         "MatMulNBits",
         [a_in, b, s],
@@ -309,7 +325,7 @@ def _matmul_nbits(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
         block_size=block,
     )
     how = f"MatMulNBits {slot}-bit, block {block}" + (f" (group {c.group})" if c.group else "")
-    return [node], how
+    return [*nodes, node], how
 
 
 def _gather_bq(gr: _Graph, c: Coded, idx: str, out: str, tag: str):
@@ -326,7 +342,8 @@ def _gather_bq(gr: _Graph, c: Coded, idx: str, out: str, tag: str):
     u = (c.codes + zp).astype(np.uint8)
     data = gr.const(f"{tag}_q{slot}", _pack(u, 4) if slot == 4 else u)
     scales = c.scale if c.scale.ndim == 2 else c.scale[:, None]
-    s = gr.const(f"{tag}_scales", scales.astype(np.float32))
+    nodes: list[onnx.NodeProto] = []
+    s = gr.scales(f"{tag}_scales", scales, nodes)
     node = helper.make_node(
         "GatherBlockQuantized",
         [data, idx, s],
@@ -341,7 +358,7 @@ def _gather_bq(gr: _Graph, c: Coded, idx: str, out: str, tag: str):
     how = f"GatherBlockQuantized {slot}-bit, block {block}" + (
         f" (group {c.group})" if c.group else ""
     )
-    return [node], how
+    return [*nodes, node], how
 
 
 def _dequantized(gr: _Graph, c: Coded, layout: str | tuple[int, ...], out: str, tag: str):
