@@ -11,7 +11,7 @@ parameter (matched by value, so it works whichever exporter wrote the graph) is 
   are held in 4-bit slots; codes shifted to unsigned with the kernel's default zero point
   ``2**(bits-1)``). A group-wise record keeps its groups as blocks; a per-channel record
   repeats the channel's scale over the blocks of its row, with the block size chosen for the
-  fewest bytes (codes with padding, plus fp32 scales; 16..256). 5..8-bit records -> int8 codes
+  fewest bytes (codes with padding, plus fp16 scales; 16..256). 5..8-bit records -> int8 codes
   and scales decoded by ``Cast``/``Mul`` that ONNX Runtime folds into an fp32 weight at session
   start (exact, fp32 speed; its 8-bit ``MatMulNBits`` was 20x slower than fp32 at batch 1,
   see :data:`NBITS_MAX`).
@@ -21,6 +21,10 @@ parameter (matched by value, so it works whichever exporter wrote the graph) is 
 * Any other use of a recorded weight (convolutions, a weight the kernels refuse) ->
   ``DequantizeLinear`` of int8 codes with the per-channel scales, and codebook weights -> a
   ``Gather`` of the fp32 codebook on uint8 codes; both still stored at 1 byte per weight.
+
+Scales are stored as fp16 (the engine's scales are fp16-exact; others stay fp32) behind a
+``Cast`` that ONNX Runtime folds at session start, like the artifact stores them. Internal
+tensor names are shortened (:func:`compact_names`).
 
 Weights that cannot be converted stay fp32 and are named with the reason in the form's
 metadata (``autocompress.lowbit``, a JSON ``{parameter: how}``) and in the log. The caller
@@ -190,7 +194,7 @@ def _nbits_block(c: Coded, slot: int) -> int | None:
     b = MIN_BLOCK
     while b <= cap:
         nb = -(-k // b)
-        size = nb * b * slot / 8 + nb * 4
+        size = nb * b * slot / 8 + nb * 2  # fp16 scales
         if cost is None or size < cost:
             best, cost = b, size
         b *= 2
