@@ -193,7 +193,10 @@ def main() -> None:
     if args.trials:
         for label, fn in (("previous default search", previous_default_search),
                           ("new search", new_search)):  # fmt: skip
-            rows.append(search_row(task, label, fn, args.trials, tmp, example))
+            try:
+                rows.append(search_row(task, label, fn, args.trials, tmp, example))
+            except Exception as e:  # a hook that fails is reported in its row, not hidden
+                rows.append(Row(label, b"", note=f"failed: {type(e).__name__}: {e}"[:160]))
     ref = task.teacher_outputs("test")
     sessions = {r.name: OnnxModel(r.onnx, threads=THREADS) for r in rows if r.onnx}
     for r in rows:

@@ -173,7 +173,7 @@ def test_one_epoch_distillation_improves_perturbed_student(task: object) -> None
 
 def test_compressed_encoder_exports_and_loads_back(task: object, tmp_path: object) -> None:
     space = CompressionSpace.from_model(task.build_model())
-    plan = Plan.uniform(space.layer_names, bits=8)
+    plan = Plan.uniform(space.layer_names, bits=8, finetune=FinetuneSettings(epochs=0))
     small = compress.apply(task.teacher(), plan, task)
     art = export(small, plan, tmp_path / "a", task_spec=task.spec)
     again = load(art.path, model=task.build_model())
@@ -201,7 +201,7 @@ def test_minilm_matches_sentence_transformers(cache: object) -> None:
 def test_minilm_uniform_8bit_keeps_cosine_and_loads_back(cache: object, tmp_path: object) -> None:
     task = get_task("minilm")
     space = CompressionSpace.from_model(task.build_model())
-    plan = Plan.uniform(space.layer_names, bits=8)
+    plan = Plan.uniform(space.layer_names, bits=8, finetune=FinetuneSettings(epochs=0))
     small = compress.apply(task.teacher(), plan, task)
     assert task.evaluate(small, "val")["cosine"] > 0.99
     art = export(small, plan, tmp_path / "a", task_spec="minilm")
