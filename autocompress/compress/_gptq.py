@@ -4,11 +4,13 @@ Frantar, Ashkboos, Hoefler & Alistarh, *GPTQ: Accurate Post-Training Quantizatio
 Pre-trained Transformers* (ICLR 2023, arXiv:2210.17323). For a layer ``y = W x`` and calibration
 inputs ``X``, GPTQ minimizes ``||W X - Q X||^2`` over the quantization grid: with the Hessian
 ``H = 2 X^T X`` (damped by 1% of its mean diagonal) and the upper Cholesky factor ``U`` of
-``H^-1``, columns are quantized one at a time in order and each column's error
-``(w - q) / U[j, j]`` is propagated to the columns not yet quantized (lazy batch updates over
-blocks of 128 columns). Group-wise scales (``group > 0``) are computed from the updated weights
-when their first column is reached, as in the paper's grouping; per-channel scales
-(``group == 0``) from the whole layer up front. Pruned weights (the mask of the
+``H^-1``, columns are quantized one at a time and each column's error ``(w - q) / U[j, j]``
+is propagated to the columns not yet quantized (lazy batch updates over blocks of 128
+columns). By default (:data:`ACT_ORDER`) the columns go in decreasing ``diag(H)`` order (the
+paper's "act-order": most active inputs first) with *static* scales: per channel, or per
+group of consecutive input weights, all from the weights before any update, so groups keep
+the ONNX block layout. With ``act_order=False`` columns go in input order and a group's scale
+is chosen from the updated weights when its first column is reached. Pruned weights (the mask of the
 parametrization) stay exactly zero: they are "quantized" to 0, so their pruning error is
 compensated by the columns after them, as SparseGPT does with a fixed mask (Frantar & Alistarh,
 2023).
@@ -46,6 +48,7 @@ from autocompress.compress._meta import fp16_exact
 from autocompress.compress._quant import (
     _MIN_SCALE,
     UniformFakeQuant,
+    _group_amax,
     _original,
     _parametrized,
     as_rows,
@@ -60,6 +63,8 @@ DAMP = 0.01
 """Damping added to the Hessian's diagonal, as a fraction of its mean (the paper's 1%)."""
 BLOCK = 128
 """Columns per lazy batch update."""
+ACT_ORDER = True
+"""Quantize the most active input columns first (the paper's "act-order"), static groups."""
 
 
 def gptq_rows(
@@ -71,8 +76,13 @@ def gptq_rows(
     *,
     damp: float = DAMP,
     block: int = BLOCK,
+    act_order: bool = ACT_ORDER,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight seen as rows ``(out, n)`` with input Hessian ``h`` ``(n, n)``.
+
+    ``act_order`` quantizes the columns with the largest ``H`` diagonal (the most active
+    inputs) first, with *static* groups (every group's scale from the weights before any
+    update, so the groups stay consecutive in the input order, as the ONNX blocks need).
 
     Returns ``(values, scale)``: ``values = code * scale`` (codes in ``[-qmax, qmax]``, zero
     where ``mask`` is 0) and the fp16-exact scales, ``(out,)`` for ``group == 0`` else
@@ -93,8 +103,10 @@ def gptq_rows(
     hh = h.detach().to(dev, torch.float64).clone()
     dead = torch.diag(hh) == 0
     hh[dead, dead] = 1.0  # inputs never seen: no error to propagate from or to them
-    hinv = _inverse_cholesky(hh, damp)
     top = qmax(bits)
+    if act_order:
+        return _act_order(wf, hh, m, top, group, damp, block)
+    hinv = _inverse_cholesky(hh, damp)
     block = max(block, group)  # groups are powers of two: a block holds whole groups
     if group:
         scales = torch.zeros(out, math.ceil(n / group), dtype=torch.float64, device=dev)
@@ -113,6 +125,37 @@ def gptq_rows(
             _columns(w1, err1, q_all, scales, hinv1, m1, i1, top, group, s)
         wf[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return q_all.float(), scales.float()
+
+
+def _act_order(
+    wf: torch.Tensor,
+    hh: torch.Tensor,
+    m: torch.Tensor | None,
+    top: int,
+    group: int,
+    damp: float,
+    block: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ over the columns in decreasing ``diag(H)`` order, with static scales."""
+    out, n = wf.shape
+    kept = (wf if m is None else wf * m).float()
+    amax = _group_amax(kept, group) if group else kept.abs().amax(dim=1)
+    scales = fp16_exact((amax / top).clamp(min=_MIN_SCALE)).double()
+    per_col = scales.repeat_interleave(group, dim=1)[:, :n] if group else scales[:, None]
+    per_col = per_col.expand(out, n)
+    perm = torch.argsort(torch.diag(hh), descending=True, stable=True)
+    wf, per_col = wf[:, perm], per_col[:, perm]
+    m = None if m is None else m[:, perm]
+    hinv = _inverse_cholesky(hh[perm][:, perm], damp)
+    q_all = torch.zeros_like(wf)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1, err1 = wf[:, i1:i2].clone(), torch.zeros(out, i2 - i1, dtype=wf.dtype, device=wf.device)
+        m1 = None if m is None else m[:, i1:i2]
+        with _one_thread():
+            _columns(w1, err1, q_all, scales, hinv[i1:i2, i1:i2], m1, i1, top, 0, None, per_col)
+        wf[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q_all[:, torch.argsort(perm)].float(), scales.float()
 
 
 @contextlib.contextmanager
@@ -136,10 +179,15 @@ def _columns(
     top: int,
     group: int,
     s: torch.Tensor | None,
+    per_col: torch.Tensor | None = None,
 ) -> None:
-    """One block of columns, in order: quantize, propagate the error within the block."""
+    """One block of columns, in order: quantize, propagate the error within the block.
+    ``per_col`` gives every column's scales (static); else per-channel ``s``, or group scales
+    chosen as each group is reached."""
     for i in range(w1.shape[1]):
         col = i1 + i
+        if per_col is not None:
+            s = per_col[:, col]
         if group and col % group == 0:  # this group's scale, from its updated weights
             cols = w1[:, i : i + group]
             cols = cols if m1 is None else cols * m1[:, i : i + group]
