@@ -291,9 +291,9 @@ def main() -> None:
     print(body)
     if not args.no_write:
         cmd = "python benchmarks/sensitivity.py " + " ".join(sys.argv[1:])
-        write_section(
-            "sensitivity", "Search at depth: sensitivity warm start + role groups", cmd, body
-        )
+        models = "" if args.models == ["tiny-bert"] else "-" + "-".join(args.models)
+        title = "Search at depth: sensitivity warm start + role groups"
+        write_section(f"sensitivity{models}", f"{title} ({', '.join(args.models)})", cmd, body)
 
 
 if __name__ == "__main__":
