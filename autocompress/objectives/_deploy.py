@@ -24,8 +24,8 @@ candidate therefore cost one export and one interleaved timing.
 
 Each latency metric also records (as metric ``details``, see :class:`Metric`) the numbers of its
 measurement, with the metric's suffix: ``latency_ms``, ``latency_iqr_ms``, ``speedup``,
-``speedup_iqr``, ``teacher_latency_ms`` and, for ONNX Runtime, ``onnx_int8`` (1.0 when the int8
-form was the faster one and was timed).
+``speedup_iqr``, ``teacher_latency_ms`` and, for ONNX Runtime, ``onnx_int8`` / ``onnx_lowbit``
+(1.0 when that form was the one timed).
 
 A model that cannot be exported to ONNX makes the ONNX Runtime metrics raise (the trial is
 recorded FAILED with the reason): falling back to eager PyTorch for some candidates would mix
@@ -206,7 +206,7 @@ def measure(model: Any, task: Task, settings: LatencySettings, who: str = "laten
     """The latency measurement of ``model`` vs ``task``'s teacher (cached per model).
 
     Returns ``latency_ms``, ``latency_iqr_ms``, ``speedup``, ``speedup_iqr``,
-    ``teacher_latency_ms`` and, for ONNX Runtime, ``onnx_int8``.
+    ``teacher_latency_ms`` and, for ONNX Runtime, ``onnx_int8`` and ``onnx_lowbit``.
     """
     from autocompress.deploy import OnnxModel, latency_and_speedup
 
@@ -241,6 +241,7 @@ def measure(model: Any, task: Task, settings: LatencySettings, who: str = "laten
     }
     if settings.runtime == "onnxruntime":
         out["onnx_int8"] = r[f"int8@{b}"]
+        out["onnx_lowbit"] = r[f"lowbit@{b}"]
     entry.results[settings] = out
     return out
 

@@ -125,7 +125,13 @@ def test_one_measurement_shared_by_latency_speedup_and_details(count_calls) -> N
     vals = Objective(["accuracy", lat, spd]).evaluate(model, None, task)
     assert count_calls == {"latency_and_speedup": 1, "deploy_forms": 1}
     assert vals["latency_ms_b64"] > 0 and vals["speedup_b64"] > 1.5  # 8 vs 1024 hidden units
-    for k in ("latency_iqr_ms_b64", "speedup_iqr_b64", "teacher_latency_ms_b64", "onnx_int8_b64"):
+    for k in (
+        "latency_iqr_ms_b64",
+        "speedup_iqr_b64",
+        "teacher_latency_ms_b64",
+        "onnx_int8_b64",
+        "onnx_lowbit_b64",
+    ):
         assert k in vals
     assert vals["teacher_latency_ms_b64"] > vals["latency_ms_b64"]
     # another batch size: a new timing, but the ONNX export is reused
