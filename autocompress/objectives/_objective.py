@@ -16,7 +16,7 @@ from autocompress.objectives._metric import (
     is_metric_name,
     metric_names,
 )
-from autocompress.objectives._runtime import SCORE_RUNTIMES, runtime_scores
+from autocompress.objectives._runtime import SCORE_RUNTIMES, choice_setting, runtime_scores
 
 if TYPE_CHECKING:
     from torch import nn
@@ -214,8 +214,9 @@ class Objective:
                 artifact,
                 task,
                 split,
-                self.constraints,
-                reference,  # type: ignore[arg-type]
+                self.constraints,  # type: ignore[arg-type]
+                reference,
+                choice_setting(self.metrics),
             )
             values["accuracy"] = scored.pop("accuracy")
             details.update(scored)

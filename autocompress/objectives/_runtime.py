@@ -4,10 +4,11 @@ With ``Objective(..., score_runtime="onnxruntime")`` the ``accuracy`` of a candi
 task's metric: accuracy, cosine, ...) is computed by running its ONNX deployment form in ONNX
 Runtime over the split, and constraints on ``accuracy``/``accuracy_drop`` are judged on that
 number. The form is the one ``to_onnx(int8="auto")`` ships (the fastest within 1.25x of the
-smallest file), unless it breaks such a constraint: then the other forms are scored, smallest
-file first, and the first that meets the constraints is reported instead (the low-bit form
-computes exactly the PyTorch model's weights; the int8 form also rounds activations). The
-record says which form and why, as numbers next to the metrics:
+smallest file, timed at the batch size and threads of the objective's first ONNX Runtime
+latency metric, else at batch 256), unless it breaks such a constraint: then the other forms
+are scored, smallest file first, and the first that meets the constraints is reported instead
+(the low-bit form computes exactly the PyTorch model's weights; the int8 form also rounds
+activations). The record says which form and why, as numbers next to the metrics:
 
 * ``onnx_form_<form>`` = 1 for the form scored and deployed (``fp32``, ``int8``, ``lowbit``);
 * ``onnx_score_<form>``: the task score of every form that was scored;
@@ -61,6 +62,18 @@ def _meets(score: float, constraints: Sequence[Constraint], ref: float | None) -
     return all(c.value(vals) <= 0 for c in constraints if c.metric in vals)
 
 
+def choice_setting(metrics: Sequence[Any]) -> tuple[int, int]:
+    """``(batch, threads)`` the preferred form is timed at: those of the objective's first
+    ONNX Runtime latency metric, else batch 256 and 1 thread (what ``to_onnx`` ships)."""
+    from autocompress.objectives._deploy import DEFAULT_BATCH
+
+    for m in metrics:
+        st = getattr(getattr(m, "fn", None), "settings", None)
+        if st is not None and st.runtime == "onnxruntime":
+            return st.batch, st.threads
+    return DEFAULT_BATCH, 1
+
+
 def runtime_scores(
     model: Any,
     artifact: Artifact | None,
@@ -68,9 +81,12 @@ def runtime_scores(
     split: str,
     constraints: Sequence[Constraint],
     reference: Reference | None,
+    setting: tuple[int, int] | None = None,
 ) -> dict[str, float]:
     """``accuracy`` of the deployed ONNX form of ``model`` on ``split``, with the form's record
-    (see the module docstring); every deployment metric of ``model`` is pinned to that form."""
+    (see the module docstring); every deployment metric of ``model`` is pinned to that form.
+    ``setting``: the ``(batch, threads)`` the preferred form is chosen at (see
+    :func:`choice_setting`)."""
     from autocompress.deploy import OnnxModel
     from autocompress.deploy._onnx import form_sizes
     from autocompress.objectives._deploy import DEFAULT_BATCH, _chosen, _entry, _forms, _session
@@ -88,7 +104,8 @@ def runtime_scores(
         order = [recorded]
     else:
         entry.pinned = None
-        preferred = _chosen(entry, model, task, DEFAULT_BATCH, 1, "accuracy")
+        batch, threads = setting or (DEFAULT_BATCH, 1)
+        preferred = _chosen(entry, model, task, batch, threads, "accuracy")
         sizes = form_sizes(forms)
         order = [preferred] + sorted((f for f in forms if f != preferred), key=sizes.__getitem__)
     scores: dict[str, float] = {}

@@ -150,7 +150,7 @@ def test_search_scores_in_onnxruntime(tmp_path: Path) -> None:
             workers=1,
             run_dir=tmp_path / "r",
             progress=False,
-            baselines=False,
+            baselines=[],
         )
     done = result.trials[result.trials["status"] == "COMPLETE"]
     assert len(done) == 3
@@ -158,3 +158,12 @@ def test_search_scores_in_onnxruntime(tmp_path: Path) -> None:
         [c for c in done.columns if c.startswith("onnx_form_") and c != "onnx_form_fallback"]
     ].fillna(0)
     assert (forms.sum(axis=1) == 1).all()
+
+
+def test_preferred_form_is_timed_where_the_objective_measures_latency() -> None:
+    from autocompress.objectives._runtime import choice_setting
+
+    assert choice_setting(Objective(["accuracy", "size_bytes"]).metrics) == (256, 1)
+    assert choice_setting(Objective(["accuracy", "latency_ms_b32"]).metrics) == (32, 1)
+    obj = Objective(["accuracy", "latency_ms_b8_torch", "speedup_b1_t2"])
+    assert choice_setting(obj.metrics) == (1, 2)  # eager-PyTorch timing does not choose forms
