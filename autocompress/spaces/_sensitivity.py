@@ -655,7 +655,8 @@ def greedy_plans(
 
 def hand_plans(space: CompressionSpace, combos: Sequence[tuple[int, int]] = HAND) -> list[Plan]:
     """The hand-style plans of :data:`HAND` on this space: token embeddings (role ``embed``)
-    at one bit-width, every other free layer at another, projected onto the space.
+    at one bit-width, every other free layer at another (position tables at the larger of the
+    two), projected onto the space.
 
     Example:
         >>> from autocompress.spaces import CompressionSpace, Knobs
@@ -670,7 +671,8 @@ def hand_plans(space: CompressionSpace, combos: Sequence[tuple[int, int]] = HAND
     for other, emb in combos:
         layers: dict[str, LayerPlan] = dict(space.pin)
         for key, members in units.items():
-            b = emb if roles[key][0] == "embed" else other
+            role = roles[key][0]  # position tables: small, kept at least as precise as the rest
+            b = emb if role == "embed" else max(other, emb) if role == "embed_pos" else other
             layers.update(dict.fromkeys(members, LayerPlan(bits=b)))
         p = space.project(Plan(layers=layers, finetune=space.finetune))
         if p not in plans:
