@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -108,7 +109,9 @@ def new_search(task: Task, trials: int, run_dir: Path, workers: int = 2) -> Any:
     space = CompressionSpace.from_model(
         task.build_model(), knobs, finetune=NO_FINETUNE, group_by="role"
     )
-    warm = sensitivity_plans(task, space, objective(), run_dir=run_dir)
+    # the sensitivity cache lives beside the run: search.run wants an empty run_dir
+    sens_dir = run_dir.with_name(run_dir.name + "-sensitivity")
+    warm = sensitivity_plans(task, space, objective(), run_dir=sens_dir)
     return run(
         task,
         space,
@@ -258,6 +261,7 @@ def main() -> None:
         f"{(time.monotonic() - t_start) / 60:.0f} min.\n\n" + table(table_rows, list(table_rows[0]))
     )
     print(body)
+    shutil.rmtree(tmp, ignore_errors=True)
     if not args.no_write:
         cmd = "HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/pretrained.py"
         write_section(
