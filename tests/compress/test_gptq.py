@@ -193,3 +193,27 @@ def test_gptq_on_hf_conv1d() -> None:
         assert torch.equal(
             back.transformer.h[0].mlp.c_fc.weight, small.transformer.h[0].mlp.c_fc.weight
         )
+
+
+def test_calibration_batches_are_recut_by_length() -> None:
+    """Right-padded token batches: the same real tokens, less padding; others untouched."""
+    from autocompress.compress._gptq import _by_length
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 17, (40,), generator=g)
+    mask = (torch.arange(16)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 50, (40, 16), generator=g) * mask
+    batches = [
+        {"input_ids": ids[i : i + 16], "attention_mask": mask[i : i + 16]} for i in (0, 16, 32)
+    ]
+    out = _by_length(batches)
+    assert sum(int(b["attention_mask"].sum()) for b in out) == int(mask.sum())
+    assert sum(b["input_ids"].numel() for b in out) < ids.numel()
+    real = sorted(
+        tuple(r[m.bool()].tolist())
+        for b in out
+        for r, m in zip(b["input_ids"], b["attention_mask"], strict=True)
+    )
+    assert real == sorted(tuple(r[m.bool()].tolist()) for r, m in zip(ids, mask, strict=True))
+    plain = [torch.randn(4, 3)]
+    assert _by_length(plain) is plain
