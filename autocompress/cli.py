@@ -258,6 +258,7 @@ def run(
             early_stop=EarlyStop(**s.early_stop.model_dump()) if s.early_stop else False,
             refine=s.refine,
             screen_steps=s.screen_steps,
+            sensitivity=s.sensitivity,
             verbose=verbose,
         )
     except AutocompressError as e:

@@ -129,6 +129,10 @@ class SpaceConfig(_Strict):
     exclude: list[str] = []
     pin: dict[str, LayerPin] = {}
     groups: list[list[str]] = []
+    group_by: Literal["role"] | None = Field(
+        None, description="tie free layers by role and depth: a handful of knobs on deep models"
+    )
+    depth_buckets: int = Field(3, ge=1, le=64, description="depth buckets of group_by: role")
 
 
 def _ft(name: str) -> Any:
@@ -187,6 +191,9 @@ class SearchConfig(_Strict):
     early_stop: EarlyStopConfig | None = None
     refine: int = Field(0, ge=0, description="calibration-only trials, then fine-tune the K best")
     screen_steps: int = Field(0, ge=0, description="optimizer steps of a screening trial (0: none)")
+    sensitivity: bool = Field(
+        False, description="measure each layer unit alone first; open with plans built from it"
+    )
 
     @field_validator("early_stop", mode="before")
     @classmethod
@@ -428,6 +435,8 @@ def build(
             pin={n: LayerPlan(**p.model_dump()) for n, p in exp.space.pin.items()},
             groups=exp.space.groups,
             finetune=finetune,
+            group_by=exp.space.group_by,
+            depth_buckets=exp.space.depth_buckets,
         )
     except AutocompressError as e:
         raise ConfigError(one_line(f"{source}: {section}: {e}")) from None

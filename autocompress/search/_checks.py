@@ -94,7 +94,7 @@ def validate(
 
 
 MIN_FREE_BYTES = 16 << 20
-STARTUP_FILES = ("teacher",)
+STARTUP_FILES = ("teacher", "sensitivity")
 """What a run writes before ``run.json``: a run killed then holds only these (and temp files)."""
 
 

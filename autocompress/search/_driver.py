@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from autocompress.errors import AutocompressError, ConfigError
 from autocompress.objectives import Objective, Reference
@@ -44,6 +44,11 @@ from autocompress.search._result import SearchResult
 from autocompress.search._storage import Remote, locate
 from autocompress.spaces import CompressionSpace, Plan
 from autocompress.tasks import Task
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from autocompress.artifacts import Artifact
 
 RUN_VERSION = 1
 log = logging.getLogger(__name__)
@@ -133,9 +138,28 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _teacher(task: Task, objective: Objective, run_dir: Path) -> tuple[dict, Reference]:
+def _export_teacher(teacher: nn.Module, tdir: Path, spec: str, progress: bool) -> Artifact:
+    """The teacher's artifact in ``tdir``: reused from the content-hash cache when an earlier
+    run exported the same weights (``artifacts._cache``), else exported once and cached. An
+    unusable cache (read-only home, a full cache disk) only costs the export."""
+    from autocompress.artifacts import export
+    from autocompress.artifacts._cache import _stderr, cached_export
+
+    try:
+        return cached_export(
+            teacher, Plan(), tdir, task_spec=spec, progress=_stderr if progress else None
+        )
+    except OSError as e:  # a full run disk fails again below and is reported as such
+        log.warning("teacher artifact cache unusable (%s): exporting into the run only", e)
+        shutil.rmtree(tdir, ignore_errors=True)
+        return export(teacher, Plan(), tdir, task_spec=spec)
+
+
+def _teacher(
+    task: Task, objective: Objective, run_dir: Path, progress: bool = False
+) -> tuple[dict, Reference]:
     """Export the teacher once to ``run_dir/teacher`` and score it on val and test."""
-    from autocompress.artifacts import Artifact, export
+    from autocompress.artifacts import Artifact
 
     teacher = task.teacher()
     for split in ("train", "val", "test"):
@@ -144,7 +168,7 @@ def _teacher(task: Task, objective: Objective, run_dir: Path) -> tuple[dict, Ref
     if (tdir / "manifest.json").is_file():
         art = Artifact.open(tdir)
     else:
-        art = export(teacher, Plan(), tdir, task_spec=task.spec)
+        art = _export_teacher(teacher, tdir, task.spec, progress)
     ref = Reference(size_bytes=art.size_bytes)
     scores: dict[str, dict[str, float]] = {}
     for split in ("val", "test"):
@@ -185,6 +209,7 @@ def run(
     early_stop: bool | EarlyStop = False,
     refine: int = 0,
     screen_steps: int = 0,
+    sensitivity: bool = False,
     progress: bool = True,
     verbose: bool = False,
 ) -> SearchResult:
@@ -232,6 +257,11 @@ def run(
     plans that only calibrate (no fine-tune, or ``screen_steps`` optimizer steps), then the K
     most promising ones (the val front, spread along it) are re-run with the space's full
     fine-tune as trials of their own (``refined_from``); the front is over all trials.
+    ``sensitivity=True`` (with the default ``baselines``) first measures each layer unit's
+    sensitivity alone, post-training, on 64 train examples (``spaces.sensitivity``, cached in
+    ``run_dir/sensitivity``) and opens the search with greedy plans built from it and the
+    hand-style plans (``spaces.sensitivity_plans``), before the uniform warm start; pair it
+    with ``CompressionSpace.from_model(..., group_by="role")`` on deep models.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -299,6 +329,19 @@ def run(
             run_dir = remote.start_mirror(resume)
         rd = prepare_run_dir(run_dir, resume, space_needed(teacher_bytes, trials))
         resume = resume and (rd / "run.json").is_file()  # False: killed before it really started
+        if sensitivity and baselines is None:  # measured once, cached in rd/sensitivity/
+            from autocompress.spaces import sensitivity_plans
+
+            if progress:
+                print("autocompress: measuring layer sensitivity (cached)", file=sys.stderr)
+            try:
+                first = sensitivity_plans(task, space, objective, run_dir=rd)
+            except BaseException:
+                if not resume:
+                    clear_run_dir(rd)
+                raise
+            plans = first + [p for p in plans if p not in first]
+            points = baseline_params(space, plans, strict=False)[:trials]
         settings = {
             "trials": trials,
             "workers": workers,
@@ -317,6 +360,8 @@ def run(
         }
         if refine:  # only when on, so runs made before these settings existed still resume
             settings.update(refine=refine, screen_steps=screen_steps)
+        if sensitivity:
+            settings.update(sensitivity=True)
         desc = {
             "task": {"name": task.name, "spec": task.spec, "metric_name": task.metric_name},
             "space": describe_space(space),
@@ -330,14 +375,14 @@ def run(
         t0 = time.monotonic()
         started = False
         try:
-            teacher, reference = _teacher(task, objective, rd)
+            teacher, reference = _teacher(task, objective, rd, progress)
             log.debug("teacher ready in %.1fs", time.monotonic() - t0)
             if not (rd / "run.json").is_file():
                 run_json = {"_type": "autocompress-run", "_version": RUN_VERSION, **desc}
                 run_json["teacher"] = teacher
                 _write_json(rd / "run.json", run_json)
             if remote is not None and not resume:  # run.json last: the run has started
-                remote.push(rd, ["teacher", "run.json"])
+                remote.push(rd, ["teacher", "sensitivity", "run.json"])
             cpus = max(os.cpu_count() or 1, math.ceil(workers * cpus_per_trial))
             started = start_ray(address, cpus, verbose)
             check_resources(cpus_per_trial, gpus_per_trial)

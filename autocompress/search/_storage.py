@@ -54,8 +54,9 @@ HINT = (
 )
 BUCKETED = {"s3", "gs", "gcs", "abfs", "abfss", "az"}
 """Schemes whose first path component is a bucket (container) that must already exist."""
-PULLED = ("records", "teacher", "run.json")
-"""What a resumed driver downloads: the trials' records, the teacher and the run's settings."""
+PULLED = ("records", "teacher", "sensitivity", "run.json")
+"""What a resumed driver downloads: the trials' records, the teacher, the sensitivity pass (if
+any) and the run's settings."""
 _FS: dict[str, tuple[Any, str]] = {}
 """This process's open filesystems, by URI."""
 

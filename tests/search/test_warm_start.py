@@ -3,14 +3,27 @@ and the hand-style plans (Linear 8-bit + embedding 4-bit, ...) among them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from raykit import private_ray
 from torch import nn
 
 from autocompress.objectives import Objective
 from autocompress.search._searcher import baseline_params
-from autocompress.spaces import CompressionSpace, Knobs, hand_plans, sensitivity, sensitivity_plans
+from autocompress.spaces import (
+    CompressionSpace,
+    Knobs,
+    Plan,
+    hand_plans,
+    sensitivity,
+    sensitivity_plans,
+)
 from autocompress.tasks import Task
+
+HERE = Path(__file__).resolve().parent
 
 
 class Toy(nn.Module):
@@ -74,3 +87,39 @@ def test_a_tighter_drop_keeps_plans_larger(task: Task) -> None:
     loose = sensitivity_plans(task, space, 0.5, n=3, sens=sens, hand=False)
     tight = sensitivity_plans(task, space, 1e-9, n=3, sens=sens, hand=False)
     assert sens.estimate(tight[-1]) >= sens.estimate(loose[-1])
+
+
+def test_search_run_opens_with_sensitivity_plans_and_caches_the_teacher(
+    digits_mlp: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``search.run(sensitivity=True)``: the pass is cached in ``run_dir/sensitivity``, its plans
+    are the first trials, the settings say so; a second run reuses the cached teacher artifact."""
+    from autocompress.search import run
+    from autocompress.spaces import FinetuneSettings
+
+    monkeypatch.setenv("AUTOCOMPRESS_CACHE", str(tmp_path / "cache"))  # teachers reuse data
+    cache_root = tmp_path / "cache" / "teachers" / "artifacts"
+    space = CompressionSpace.from_model(
+        digits_mlp.teacher(),
+        Knobs(bits=(4, 8), sparsity=None),
+        finetune=FinetuneSettings(epochs=0),
+    )
+    first = sensitivity_plans(digits_mlp, space, Objective.default(), run_dir=tmp_path / "probe")
+    with private_ray(HERE):
+        res = run(
+            digits_mlp, space, trials=len(first), workers=1, seed=0, sensitivity=True,
+            run_dir=tmp_path / "run", progress=False,
+        )  # fmt: skip
+        assert any((res.run_dir / "sensitivity").iterdir())
+        got = {json.dumps(Plan.from_json(p).to_dict()) for p in res.trials["plan_json"]}
+        assert got == {json.dumps(p.to_dict()) for p in first}  # the warm start, nothing else
+        run_json = json.loads((res.run_dir / "run.json").read_text())
+        assert run_json["settings"]["sensitivity"] is True
+        entries = list(cache_root.iterdir())
+        assert len(entries) == 1  # the teacher was exported into the cache once
+        again = run(
+            digits_mlp, space, trials=1, workers=1, seed=0, run_dir=tmp_path / "run2",
+            progress=False, baselines=[],
+        )  # fmt: skip
+    assert list(cache_root.iterdir()) == entries  # a hit: no new entry
+    assert again.teacher["size_bytes"] == res.teacher["size_bytes"]
