@@ -187,3 +187,19 @@ def test_object_store_run_on_a_cluster_killed_then_resumed_from_the_uri(
     other = next(iter(set(done["trial_id"]) - set(res.pareto["trial_id"])), None)
     if other is not None:  # a non-front artifact is downloaded when asked for
         load(res.artifact_path(other))
+
+    # the command line reads the URI too
+    from typer.testing import CliRunner
+
+    from autocompress.cli import app
+
+    runner = CliRunner()
+    front = str(res.pareto["trial_id"].iloc[0])
+    listed = runner.invoke(app, ["trials", uri, "--front"])
+    assert listed.exit_code == 0 and front in listed.output, listed.output
+    out = tmp_path / "exported"
+    got = runner.invoke(app, ["export", uri, "--trial", front, "--out", str(out)])
+    assert got.exit_code == 0, got.output
+    load(out)
+    rep = runner.invoke(app, ["report", uri])
+    assert rep.exit_code == 0 and f"{uri}/report.html" in rep.output, rep.output
