@@ -248,7 +248,8 @@ def init_ray(cpus: int = 2) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(
+        ray.init(  # "local": a private Ray, never another user's cluster on this machine
+            address="local",
             num_cpus=cpus,
             include_dashboard=False,
             log_to_driver=False,
