@@ -372,9 +372,9 @@ def describe_space(space: CompressionSpace) -> dict[str, Any]:
 
 def _with_new_defaults(old: Any, new: Any) -> Any:
     """``old``'s space description with settings added since it was written (knobs, fine-tune
-    fields at their defaults in ``new``) filled in, so a run started by an older version
-    resumes as long as the new settings keep their defaults."""
-    from autocompress.spaces import FinetuneSettings, Knobs
+    fields, pinned layers' knobs at their defaults in ``new``) filled in, so a run started by
+    an older version resumes as long as the new settings keep their defaults."""
+    from autocompress.spaces import FinetuneSettings, Knobs, LayerPlan
 
     if not isinstance(old, dict) or not isinstance(new, dict):
         return old
@@ -385,6 +385,22 @@ def _with_new_defaults(old: Any, new: Any) -> Any:
             base = json.loads(json.dumps(asdict(default), default=str))
             added = {k: v for k, v in n.items() if k not in o and base.get(k) == v}
             out[key] = {**o, **added}
+    pins, new_pins = out.get("pin"), new.get("pin")
+    if isinstance(pins, dict) and isinstance(new_pins, dict):  # layer knobs added since
+        base = json.loads(json.dumps(asdict(LayerPlan()), default=str))
+        out["pin"] = {
+            name: {
+                **lp,
+                **{
+                    k: v
+                    for k, v in (new_pins.get(name) or {}).items()
+                    if k not in lp and base.get(k) == v
+                },
+            }
+            if isinstance(lp, dict)
+            else lp
+            for name, lp in pins.items()
+        }
     return out
 
 

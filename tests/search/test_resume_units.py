@@ -138,3 +138,31 @@ def test_a_run_from_before_a_new_knob_still_resumes(tmp_path: Path) -> None:
     changed = CompressionSpace.from_model(DigitsMLP(), Knobs(width=(0.5, 1.0), heads=(0.5, 1.0)))
     with pytest.raises(ConfigError, match="the space differs"):
         check_resume(tmp_path, {**desc, "space": describe_space(changed)})
+
+
+def test_a_run_with_pins_from_before_the_group_knob_still_resumes(tmp_path: Path) -> None:
+    """Pinned layers are described with every layer knob: one added since (``group``) counts as
+    unchanged at its default; a pin that really differs is still refused."""
+    import pytest
+
+    from autocompress.errors import ConfigError
+    from autocompress.search._checks import check_resume, describe_space
+    from autocompress.spaces import CompressionSpace
+    from autocompress.tasks._models import DigitsMLP
+
+    def desc(pin: dict) -> dict:
+        space = CompressionSpace.from_model(DigitsMLP(), pin=pin)
+        return {
+            "task": {"spec": "digits-mlp"},
+            "space": describe_space(space),
+            "objective": {"metrics": ["accuracy"]},
+            "settings": {"trials": 4},
+        }
+
+    now = desc({"fc1": {"bits": 8}})
+    old = json.loads(json.dumps(now, default=str))
+    del old["space"]["pin"]["fc1"]["group"]
+    (tmp_path / "run.json").write_text(json.dumps(old))
+    check_resume(tmp_path, now)  # no error: group is at its default
+    with pytest.raises(ConfigError, match="the space differs"):
+        check_resume(tmp_path, desc({"fc1": {"bits": 8, "group": 32}}))
