@@ -80,17 +80,21 @@ def tasks(
     from autocompress.spaces import Plan
     from autocompress.tasks import get_task, task_names
 
-    table = Table("task", "params", "teacher bytes", "test accuracy")
+    table = Table("task", "params", "teacher bytes", "test score")
     for name in task_names():
-        task = get_task(name)
-        model = task.build_model()
+        try:
+            task = get_task(name)
+            model = task.build_model()
+        except AutocompressError as e:  # e.g. minilm without the [hf] extra: say so, go on
+            table.add_row(name, "-", "-", f"unavailable: {e}")
+            continue
         params = sum(p.numel() for p in model.parameters())
         size, acc = "-", "-"
         if train:
             teacher = task.teacher()
             with tempfile.TemporaryDirectory() as d:
                 size = f"{export(teacher, Plan(), Path(d) / 'a', task_spec=task.spec).size_bytes:,}"
-            acc = f"{task.evaluate(teacher, 'test')[task.metric_name]:.4f}"
+            acc = f"{task.evaluate(teacher, 'test')[task.metric_name]:.4f} {task.metric_name}"
         table.add_row(name, f"{params:,}", size, acc)
     out.print(table)
 

@@ -21,6 +21,9 @@
   an artifact.
 * ``metrics.json`` (optional, informational: not hashed, not counted in the size).
 
+``cached_export`` is ``export`` reusing an earlier export of the same content (a teacher's
+artifact is exported once per content hash and linked into every run that needs it).
+
 ``size_bytes`` is the on-disk byte count of weights + plan + manifest. ``load(path)`` verifies
 everything before parsing, rebuilds the architecture (from ``model=`` or the task) and returns a
 model whose weights are bit-identical to the exported ones (signed zeros become +0.0) and whose
@@ -43,6 +46,7 @@ Example:
 
 from __future__ import annotations
 
+from autocompress.artifacts._cache import cached_export
 from autocompress.artifacts._export import (
     Artifact,
     artifact_size,
@@ -52,4 +56,12 @@ from autocompress.artifacts._export import (
 )
 from autocompress.artifacts._load import load
 
-__all__ = ["Artifact", "artifact_size", "export", "inspect_artifact", "load", "write_metrics"]
+__all__ = [
+    "Artifact",
+    "artifact_size",
+    "cached_export",
+    "export",
+    "inspect_artifact",
+    "load",
+    "write_metrics",
+]
