@@ -14,8 +14,9 @@
   still load.
 * ``plan.json``: the plan (``Plan.to_json()``).
 * ``model.onnx`` (optional, with ``export(..., onnx_example=batch)``): the ONNX Runtime
-  deployment form (fp32, or int8 where that is faster), listed and hashed in the manifest but
-  not counted in ``size_bytes`` (an alternative encoding of the same model; see ``_io``).
+  deployment form (low-bit, int8 or fp32: the fastest within 1.25x of the smallest file),
+  listed and hashed in the manifest but not counted in ``size_bytes`` (an alternative encoding
+  of the same model; see ``_io``).
 * ``manifest.json``: format name and version, ``task_spec``, byte size and sha256 of the files
   above, and ``size_bytes``; written last, so a directory without a valid manifest is never
   an artifact.
