@@ -333,7 +333,9 @@ def run(
             from autocompress.spaces import sensitivity_plans
 
             if progress:
-                print("autocompress: measuring layer sensitivity (cached)", file=sys.stderr)
+                print(
+                    "autocompress: measuring layer sensitivity (once per run_dir)", file=sys.stderr
+                )
             try:
                 first = sensitivity_plans(task, space, objective, run_dir=rd)
             except BaseException:
