@@ -51,6 +51,8 @@ if TYPE_CHECKING:
     from autocompress.artifacts import Artifact
 
 RUN_VERSION = 1
+PROGRESS_VALUES = 5_000_000
+"""Teachers with at least this many values print the teacher-artifact steps (seconds each)."""
 log = logging.getLogger(__name__)
 QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
@@ -145,9 +147,11 @@ def _export_teacher(teacher: nn.Module, tdir: Path, spec: str, progress: bool) -
     from autocompress.artifacts import export
     from autocompress.artifacts._cache import _stderr, cached_export
 
+    # progress lines only where the steps take seconds (millions of values), not on small models
+    big = sum(t.numel() for t in teacher.state_dict().values()) >= PROGRESS_VALUES
     try:
         return cached_export(
-            teacher, Plan(), tdir, task_spec=spec, progress=_stderr if progress else None
+            teacher, Plan(), tdir, task_spec=spec, progress=_stderr if progress and big else None
         )
     except OSError as e:  # a full run disk fails again below and is reported as such
         log.warning("teacher artifact cache unusable (%s): exporting into the run only", e)
