@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from autocompress.errors import AutocompressError, ConfigError
 from autocompress.objectives import Objective, Reference
 from autocompress.search._checks import (
+    MIN_FREE_BYTES,
     RunLock,
     check_resume,
     check_run_dir,
@@ -122,6 +123,18 @@ def disk_problem(e: BaseException) -> str | None:
                 return sign
         cur, seen = cur.__cause__ or cur.__context__, seen + 1
     return None
+
+
+def _why_failed(e: BaseException, rd: Path) -> str | None:
+    """:func:`disk_problem`, or "no space left on device" when ``rd``'s disk is full: a library
+    reading back a file cut short by the full disk fails with another error (``EOFError`` from
+    a truncated pickle, a JSON error), and the cause to report is still the disk."""
+    why = disk_problem(e)
+    if why is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(rd).free < MIN_FREE_BYTES:
+                why = "no space left on device"
+    return why
 
 
 def _disk_error(why: str, rd: Path) -> AutocompressError:
@@ -434,17 +447,22 @@ def run(
                 "interrupted; finished trials are kept: resume with --resume (resume=True)"
             ) from None
         except Exception as e:
-            if why := disk_problem(e):
+            if why := _why_failed(e, rd):
                 raise _disk_error(why, rd) from None
             raise
         finally:
             if started:
                 ray.shutdown()
         log.debug("search done at %.1fs", time.monotonic() - t0)
-        fail_stale_optuna_trials(rd)
         from autocompress.search._journal import sync_journal
 
-        sync_journal(rd)
+        try:
+            fail_stale_optuna_trials(rd)
+            sync_journal(rd)
+        except Exception as e:
+            if why := _why_failed(e, rd):
+                raise _disk_error(why, rd) from None
+            raise
         if remote is not None:  # every record the trials wrote, including unreported ones
             shutil.rmtree(rd / "records", ignore_errors=True)
             remote.download("records", rd / "records")
@@ -474,7 +492,7 @@ def run(
                 remote.publish(rd, interrupted, keep_artifacts)
                 result = replace(result, source=remote.uri)
         except Exception as e:
-            if why := disk_problem(e):
+            if why := _why_failed(e, rd):
                 raise _disk_error(why, rd) from None
             raise
         log.debug("finalized at %.1fs", time.monotonic() - t0)

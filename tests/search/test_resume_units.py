@@ -166,3 +166,19 @@ def test_a_run_with_pins_from_before_the_group_knob_still_resumes(tmp_path: Path
     check_resume(tmp_path, now)  # no error: group is at its default
     with pytest.raises(ConfigError, match="the space differs"):
         check_resume(tmp_path, desc({"fc1": {"bits": 8, "group": 32}}))
+
+
+def test_a_failure_on_a_full_disk_is_reported_as_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """A library that reads back a file the full disk cut short raises EOFError, not ENOSPC:
+    the driver still names the disk (one clear error, not a bare 'Aborted!')."""
+    import shutil
+    from collections import namedtuple
+
+    from autocompress.search import _driver
+
+    cut = EOFError("Ran out of input")
+    assert _driver._why_failed(cut, tmp_path) is None  # a disk with room: not the disk
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(40 << 20, 40 << 20, 0))
+    assert _driver._why_failed(cut, tmp_path) == "no space left on device"
+    assert "free space" in str(_driver._disk_error("no space left on device", tmp_path))
