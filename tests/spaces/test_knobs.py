@@ -205,3 +205,23 @@ space:
         parse_experiment({"task": "t", "space": {"knobs": {"calibration": ["awq"]}}})
     with pytest.raises(ConfigError, match="needs scheme 'uniform'"):
         build(parse_experiment({"task": "digits-mlp", "space": {"pin": {"fc3": {"group": 32}}}}))
+
+
+def test_yaml_group_by_role_and_sensitivity_reach_the_space_and_search() -> None:
+    """``space.group_by: role`` ties layers exactly as the Python API does; ``search.sensitivity``
+    is parsed (the CLI passes it to ``search.run``)."""
+    import yaml
+
+    from autocompress.config import build
+    from autocompress.spaces import CompressionSpace
+
+    text = """
+task: digits-mlp
+space: {group_by: role, depth_buckets: 2}
+search: {sensitivity: true}
+"""
+    exp = parse_experiment(yaml.safe_load(text))
+    task, space, _ = build(exp)
+    same = CompressionSpace.from_model(task.build_model(), group_by="role", depth_buckets=2)
+    assert space.groups == same.groups and exp.search.sensitivity is True
+    assert parse_experiment({"task": "digits-mlp"}).search.sensitivity is False
