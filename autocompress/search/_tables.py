@@ -18,6 +18,7 @@ STR_COLUMNS = (
     "status",
     "reason",
     "duplicate_of",
+    "refined_from",
     "artifact",
     "plan_json",
     "test_error",
