@@ -53,10 +53,16 @@ MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256
 MAX_BLOCK_2BIT = 256  # ONNX Runtime 1.32: "2-bit MatMulNBits block_size must not exceed 256"
 NBITS_MAX = 4
-"""Widest codes run by ``MatMulNBits``; 5..8-bit Linear weights use :func:`_decoded_int8`.
-ONNX Runtime 1.32's 8-bit ``MatMulNBits`` (exact, ``accuracy_level`` 0) took 3.7-4.3 ms for
-one row through a 384x1536 weight against 0.2 ms for the fp32 MatMul on this CPU (1 thread);
-4-bit took 0.23-0.29 ms, and both matched fp32 at 1280 rows."""
+"""Widest codes run by ``MatMulNBits`` in the exact form; 5..8-bit Linear weights use
+:func:`_decoded_int8`. ONNX Runtime 1.32's 8-bit ``MatMulNBits`` (exact, ``accuracy_level`` 0)
+took 3.7-4.3 ms for one row through a 384x1536 weight against 0.2 ms for the fp32 MatMul on
+this CPU (1 thread); 4-bit took 0.23-0.29 ms, and both matched fp32 at 1280 rows. With
+``accuracy_level=4`` (int8 activations) the 8-bit kernel is fast: the ``lowbit_int8`` form
+uses it (``nbits_max=8``)."""
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+"""``MatMulNBits`` ``accuracy_level`` values (ONNX Runtime's ``MLAS_QNBIT_GEMM_COMPUTE_TYPE``
+clamp: 0 unset = fp32, 1 fp32, 2 fp16, 3 bf16, 4 int8 activations quantized per block); on a
+CPU kernel without a path for the level asked, ONNX Runtime falls back to fp32."""
 
 
 @dataclass
@@ -213,8 +219,12 @@ def _block_scales(c: Coded, block: int) -> np.ndarray:
 class _Graph:
     """Mutable view of an ONNX graph: new initializers and nodes, unique names."""
 
-    def __init__(self, proto: onnx.ModelProto) -> None:
+    def __init__(
+        self, proto: onnx.ModelProto, accuracy_level: int = 0, nbits_max: int = NBITS_MAX
+    ) -> None:
         self.proto = proto
+        self.accuracy_level = accuracy_level
+        self.nbits_max = nbits_max
         self.g = proto.graph
         self.inits = {i.name: i for i in self.g.initializer}
         self.names = set(self.inits) | {o for n in self.g.node for o in n.output}
@@ -303,7 +313,7 @@ def _decoded_int8(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
 
 def _matmul_nbits(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
     slot = _slot_bits(c.bits)
-    if slot > NBITS_MAX:
+    if slot > gr.nbits_max:
         return _decoded_int8(gr, c, a_in, out, tag)
     block = _nbits_block(c, slot)
     if block is None:
@@ -327,8 +337,11 @@ def _matmul_nbits(gr: _Graph, c: Coded, a_in: str, out: str, tag: str):
         N=n,
         bits=slot,
         block_size=block,
+        **({"accuracy_level": gr.accuracy_level} if gr.accuracy_level else {}),
     )
     how = f"MatMulNBits {slot}-bit, block {block}" + (f" (group {c.group})" if c.group else "")
+    if gr.accuracy_level:
+        how += f", accuracy_level {gr.accuracy_level}"
     return [*nodes, node], how
 
 
@@ -400,13 +413,24 @@ class _Refused(Exception):
 
 
 def lowbit_form(
-    proto: onnx.ModelProto, model: nn.Module
+    proto: onnx.ModelProto,
+    model: nn.Module,
+    *,
+    accuracy_level: int = 0,
+    nbits_max: int = NBITS_MAX,
 ) -> tuple[onnx.ModelProto | None, Conversion]:
     """``proto`` with every recorded weight stored as its codes (see the module docstring).
 
     ``proto`` is an ONNX graph of ``model`` (its fp32 export, or the int8 form, whose Gathers
     and remaining fp32 weights are converted); it is modified in place and returned, or None
     when no weight was converted.
+
+    ``accuracy_level`` is ``MatMulNBits``' attribute: 0 (default) computes in fp32 from the
+    exact weights; 4 quantizes the activations to int8 per block at run time and uses ONNX
+    Runtime's int8 dot-product kernels (:data:`ACCURACY_LEVELS`; faster, not exact: the
+    ``lowbit_int8`` form). ``nbits_max``: the widest codes run by ``MatMulNBits`` (4, or 8 to
+    run 5..8-bit Linear weights through its 8-bit kernel, which is only fast with
+    ``accuracy_level=4``); wider ones are decoded at load (:func:`_decoded_int8`).
 
     Example:
         >>> import torch
@@ -419,10 +443,14 @@ def lowbit_form(
         >>> conv.done
         {'0.weight': 'MatMulNBits 4-bit, block 64'}
     """
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(f"accuracy_level={accuracy_level!r}: use one of {list(ACCURACY_LEVELS)}")
+    if nbits_max not in (4, 8):
+        raise ValueError(f"nbits_max={nbits_max!r}: use 4 or 8")
     index, conv = coded_weights(model)
     if not index:
         return None, conv
-    gr = _Graph(proto)
+    gr = _Graph(proto, accuracy_level, nbits_max)
     new_nodes: list[onnx.NodeProto] = []
     for node in list(gr.g.node):
         made = None

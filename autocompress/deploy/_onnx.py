@@ -1,17 +1,24 @@
-"""``to_onnx``: the deployment form of a compressed model (fp32, int8 or low-bit).
+"""``to_onnx``: the deployment form of a compressed model (fp32, low-bit, int8 ...).
 
-Forms: ``fp32`` (the verified export), ``int8`` (ONNX Runtime dynamic quantization of the
-Linear layers with <= 8-bit uniform records, embeddings and other recorded weights low-bit as in
-``lowbit``) and ``lowbit`` (every recorded weight stored as its own codes:
-:mod:`autocompress.deploy._lowbit`; checked against the fp32 form before it is offered).
+Forms (see :mod:`autocompress.deploy._fidelity`):
+
+* exact: ``fp32`` (the verified export) and ``lowbit`` (every recorded weight stored as its own
+  codes: :mod:`autocompress.deploy._lowbit`; checked against the fp32 form before it is offered);
+* with int8 activations (outputs move): ``int8`` (ONNX Runtime dynamic quantization of the Linear
+  layers with <= 8-bit uniform records, embeddings and other recorded weights low-bit as in
+  ``lowbit``) and ``lowbit_int8`` (the low-bit form with ``MatMulNBits`` ``accuracy_level=4``,
+  5..8-bit Linear weights through its 8-bit kernel).
+
 ``"auto"`` ships the fastest of the forms whose file is within :data:`SIZE_SLACK` of the
-smallest one, so a low-bit plan deploys as small as its artifact.
+smallest one, so a low-bit plan deploys as small as its artifact; a form with int8 activations
+is only a candidate when calibration data (and optionally a check) show it stays within
+tolerance: without them ``"auto"`` ships an exact form.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +29,7 @@ from torch import nn
 
 from autocompress.artifacts._io import atomic_write
 from autocompress.deploy._export import ATOL, RTOL, export_fp32, set_form
+from autocompress.deploy._fidelity import TOLERANCE, Fidelity, as_batches, is_exact
 from autocompress.deploy._int8 import int8_form
 from autocompress.deploy._latency import measure_latency
 from autocompress.deploy._lowbit import lowbit_form
@@ -31,7 +39,7 @@ from autocompress.errors import AutocompressError
 from autocompress.tasks._batch import Inputs, batch_len
 
 INT8_CHOICES = ("auto", True, False)
-FORMS = ("fp32", "int8", "lowbit")
+FORMS = ("fp32", "int8", "lowbit", "lowbit_int8")
 # A form must beat the reference form by this factor to be chosen: on a tie, keep the exact one.
 _MARGIN = 0.95
 SIZE_SLACK = 1.25
@@ -96,12 +104,15 @@ def deploy_forms(
     output: str | int | None = None,
     lowbit: bool = True,
 ) -> dict[str, bytes]:
-    """Serialized ONNX forms of ``model``: ``fp32`` always; ``int8`` if asked for and it applies
-    (some Linear-type layer has uniform <= 8-bit weights); ``lowbit`` if asked for and some
+    """Serialized ONNX forms of ``model``: ``fp32`` always; ``lowbit`` if asked for and some
     weight has a quantization record, and only when ONNX Runtime reproduces the fp32 form's
     outputs on ``example_input`` within the export tolerance (else it is left out and the reason
-    logged on the ``autocompress.deploy`` logger). ``example_input`` and ``output``: see
-    :func:`~autocompress.deploy.export_fp32`.
+    logged on the ``autocompress.deploy`` logger); with ``int8``, the forms with int8
+    activations that apply: ``int8`` (some Linear-type layer has uniform <= 8-bit
+    per-channel weights) and ``lowbit_int8`` (some Linear weight runs as ``MatMulNBits``).
+    ``example_input`` and ``output``: see :func:`~autocompress.deploy.export_fp32`.
+
+    The ``int8`` forms are not exact: :func:`onnx_form` only ships one after a fidelity check.
 
     Example:
         >>> sorted(deploy_forms(nn.Linear(4, 3), torch.randn(2, 4)))
@@ -115,6 +126,9 @@ def deploy_forms(
             low, _ = _lowbit(_copy(q), model)  # its embeddings and other weights as codes too
             q = set_form(low, "int8") if low is not None else q
             out["int8"] = q.SerializeToString()
+        fast, conv = _lowbit(_copy(fp32), model, accuracy_level=4, nbits_max=8)
+        if fast is not None and any(v.startswith("MatMulNBits") for v in conv.done.values()):
+            out["lowbit_int8"] = set_form(fast, "lowbit_int8").SerializeToString()
     if lowbit:
         low, conv = _lowbit(_copy(fp32), model)
         for name, why in conv.kept.items():
@@ -129,13 +143,15 @@ def deploy_forms(
     return out
 
 
-def _lowbit(proto: onnx.ModelProto, model: nn.Module) -> tuple[onnx.ModelProto | None, Any]:
+def _lowbit(
+    proto: onnx.ModelProto, model: nn.Module, **options: int
+) -> tuple[onnx.ModelProto | None, Any]:
     """:func:`lowbit_form`, or no form (with a warning) if the conversion itself fails: the
     fp32/int8 forms are still offered."""
     from autocompress.deploy._lowbit import Conversion
 
     try:
-        return lowbit_form(proto, model)
+        return lowbit_form(proto, model, **options)
     except Exception as e:  # noqa: BLE001 - an unforeseen graph: keep the other forms
         LOG.warning("low-bit ONNX form not built (%s: %s)", type(e).__name__, e)
         return None, Conversion()
@@ -212,18 +228,47 @@ def choose_form(
     inputs: Any,
     threads: int = 1,
     sessions: Mapping[str, OnnxModel] | None = None,
+    fidelity: Fidelity | None = None,
 ) -> str:
     """What ``"auto"`` ships: among the forms within :data:`SIZE_SLACK` of the smallest file,
-    the fastest on ``inputs`` (the smallest unless another is >5% faster).
+    the fastest on ``inputs`` that holds fidelity.
 
-    ``sessions`` may hold open sessions of some forms (reused for timing).
+    Exact forms (``fp32``, ``lowbit``) always hold it. A form with int8 activations is a
+    candidate only with a ``fidelity`` check (calibration batches, tolerance, optional check
+    function), and ships only if it passes it and is >5% faster than the fastest exact
+    candidate. Without ``fidelity`` the choice is among the exact forms: the smallest unless
+    another is >5% faster. ``sessions`` may hold open sessions of some forms (reused).
+
+    Example:
+        >>> import torch
+        >>> forms = deploy_forms(nn.Linear(4, 2), torch.randn(3, 4))
+        >>> choose_form(forms, as_numpy(torch.randn(8, 4)))
+        'fp32'
     """
     small = small_forms(forms)
-    if len(small) == 1:
-        return small[0]
+    exact = [k for k in small if is_exact(k)]
+    if not exact:  # no exact form within the size slack: fidelity first, the smallest exact one
+        exact = small_forms({k: v for k, v in forms.items() if is_exact(k)}, slack=1.0)
+    cands = exact + ([k for k in small if not is_exact(k)] if fidelity is not None else [])
+    if len(cands) == 1:
+        return cands[0]
     given = dict(sessions or {})
-    cands = {k: given.get(k, forms[k]) for k in small}
-    return fastest_form(cands, inputs, threads=threads, reference=small[0])
+    opened = {k: given.get(k) or OnnxModel(forms[k], threads=threads) for k in cands}
+    if fidelity is None or len(cands) == len(exact):
+        return fastest_form(opened, inputs, threads=threads, reference=exact[0])
+    runners = {k: runner(m) for k, m in opened.items()}
+    stats = measure_latency(runners, inputs, warmup=2, repeats=7, threads=threads)
+    best_exact = min(exact, key=lambda k: stats[k].median_ms)
+    if best_exact != exact[0] and stats[best_exact].median_ms > _MARGIN * stats[exact[0]].median_ms:
+        best_exact = exact[0]
+    bar = _MARGIN * stats[best_exact].median_ms
+    fidelity.set_reference(opened[exact[0]])
+    for k in sorted(cands, key=lambda k: stats[k].median_ms):
+        if is_exact(k) or stats[k].median_ms > bar:
+            break
+        if fidelity.accepts(k, opened[k]):
+            return k
+    return best_exact
 
 
 def to_onnx(
@@ -236,6 +281,9 @@ def to_onnx(
     threads: int = 1,
     output: str | int | None = None,
     form: str | None = None,
+    calibration: Any = None,
+    tolerance: float = TOLERANCE,
+    check: Callable[[OnnxModel], bool] | None = None,
 ) -> Path:
     """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
 
@@ -244,8 +292,11 @@ def to_onnx(
     their own codes in the ``lowbit`` form (``MatMulNBits`` for Linear layers,
     ``GatherBlockQuantized`` for embeddings, ``DequantizeLinear`` or a codebook ``Gather``
     otherwise: the same weights as the torch model); Linear-type layers with <= 8-bit uniform
-    codes can also run as int8 through ONNX Runtime dynamic quantization (``int8`` form: uint8
-    activations quantized at run time, so outputs move slightly).
+    codes can also run with int8 activations quantized at run time (``int8``: ONNX Runtime
+    dynamic quantization, ``MatMulInteger``; ``lowbit_int8``: ``MatMulNBits`` with
+    ``accuracy_level=4``), so their outputs move: ``"auto"`` ships one of those only when
+    ``calibration`` batches show its outputs within ``tolerance`` of the exact form's (and
+    ``check`` accepts it); without ``calibration`` it ships an exact form (fidelity first).
 
     Args:
         model: the (compressed) torch model; it is not modified.
@@ -256,15 +307,24 @@ def to_onnx(
         path: the ``.onnx`` file to write (atomically: temporary file, then rename).
         int8: ``"auto"`` writes, among the forms whose file is within 1.25x of the smallest,
             the fastest at ``batch_size`` with ``threads`` threads (the smallest unless another
-            is >5% faster); ``True`` the int8 form (fp32 when it does not apply); ``False``
-            always fp32.
+            is >5% faster) that holds fidelity: an exact form (``fp32``, ``lowbit``), or, with
+            ``calibration``, a form with int8 activations that passed the check; ``True`` the
+            int8 form unchecked (fp32 when it does not apply); ``False`` always fp32.
         batch_size: the batch size ``"auto"`` optimizes for.
         threads: ONNX Runtime threads ``"auto"`` times with.
         output: which output the graph returns when the model answers with a dict,
             ``ModelOutput`` or tuple (a field name or index; default ``logits``, else
             ``last_hidden_state``, else the first tensor; a tensor or flat tuple whole).
-        form: ``"fp32"``, ``"int8"`` or ``"lowbit"`` to write that form (an error if it does not
-            apply to this model); overrides ``int8``.
+        form: ``"fp32"``, ``"int8"``, ``"lowbit"`` or ``"lowbit_int8"`` to write that form (an
+            error if it does not apply to this model); overrides ``int8``.
+        calibration: real input batches (one batch, or a list of batches, as the model is
+            called) on which ``"auto"`` checks the forms with int8 activations; use data the
+            model will see (e.g. validation inputs), not the test split.
+        tolerance: largest ``1 - mean cosine`` between each example's outputs in such a form
+            and in the exact form on ``calibration`` (default 1e-3).
+        check: optional ``check(onnx_model) -> bool`` a form with int8 activations must also
+            pass (e.g. the task metric on validation data against a constraint); it needs
+            ``calibration``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
@@ -289,6 +349,9 @@ def to_onnx(
         threads=threads,
         output=output,
         form=form,
+        calibration=calibration,
+        tolerance=tolerance,
+        check=check,
     )
     atomic_write(path, data)
     return path
@@ -303,6 +366,9 @@ def onnx_form(
     threads: int = 1,
     output: str | int | None = None,
     form: str | None = None,
+    calibration: Any = None,
+    tolerance: float = TOLERANCE,
+    check: Callable[[OnnxModel], bool] | None = None,
 ) -> bytes:
     """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
 
@@ -315,9 +381,20 @@ def onnx_form(
         raise AutocompressError(f"int8={int8!r} is not allowed: use 'auto', True or False")
     if form is not None and form not in FORMS:
         raise AutocompressError(f"form={form!r} is unknown: use one of {list(FORMS)} or None")
+    fidelity = None
+    if calibration is not None:
+        fidelity = Fidelity(as_batches(calibration), tolerance, check)
+    elif check is not None:
+        raise AutocompressError("check needs calibration batches too: pass calibration=...")
+    else:
+        Fidelity([], tolerance)  # validates the tolerance
     if form is not None:
         forms = deploy_forms(
-            model, example_input, int8=form == "int8", output=output, lowbit=form == "lowbit"
+            model,
+            example_input,
+            int8=form in ("int8", "lowbit_int8"),
+            output=output,
+            lowbit=form == "lowbit",
         )
         if form not in forms:
             raise AutocompressError(
@@ -326,10 +403,11 @@ def onnx_form(
             )
         return forms[form]
     auto = int8 == "auto"
-    forms = deploy_forms(model, example_input, int8=bool(int8), output=output, lowbit=auto)
+    approx = int8 is True or (auto and fidelity is not None)
+    forms = deploy_forms(model, example_input, int8=approx, output=output, lowbit=auto)
     if auto:
         x = as_numpy(tile_batch(example_input, batch_size))
-        name = choose_form(forms, x, threads=threads)
+        name = choose_form(forms, x, threads=threads, fidelity=fidelity)
     else:
         name = "int8" if int8 and "int8" in forms else "fp32"
     return forms[name]

@@ -163,7 +163,7 @@ def latency_and_speedup(
         forms = {model.form: model}
     else:
         raw = deploy_forms(
-            model, example_batch, int8=bool(int8), output=output, lowbit=int8 == "auto"
+            model, example_batch, int8=int8 is True, output=output, lowbit=int8 == "auto"
         )
         forms = {k: OnnxModel(v, threads=threads) for k, v in raw.items()}
     for b in batch_sizes:

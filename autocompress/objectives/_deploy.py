@@ -117,6 +117,7 @@ class _Deployed:
 
     stamp: tuple
     forms: dict[str, bytes] | None = None
+    approx: bool = False  # forms with int8 activations built too
     error: str | None = None
     sessions: dict[tuple[str, int], Any] = field(default_factory=dict)
     choice: dict[tuple[int, int], str] = field(default_factory=dict)
@@ -153,13 +154,19 @@ def _output(task: Task) -> str | int | None:
     return getattr(task, "output", None)
 
 
-def _forms(entry: _Deployed, model: nn.Module, task: Task, who: str) -> dict[str, bytes]:
-    """The serialized fp32 (and int8) ONNX forms of ``model``, exported once."""
+def _forms(
+    entry: _Deployed, model: nn.Module, task: Task, who: str, approx: bool = False
+) -> dict[str, bytes]:
+    """The serialized exact ONNX forms of ``model`` (fp32, low-bit) and, with ``approx``, also
+    those with int8 activations (``int8``, ``lowbit_int8``), exported once."""
     from autocompress.deploy import deploy_forms
 
+    if entry.forms is not None and approx and not entry.approx:
+        entry.forms, entry.sessions, entry.choice = None, {}, {}
     if entry.forms is None and entry.error is None:
         try:
-            entry.forms = deploy_forms(model, _example(task), int8=True, output=_output(task))
+            entry.forms = deploy_forms(model, _example(task), int8=approx, output=_output(task))
+            entry.approx = approx
         except AutocompressError as e:
             entry.error = str(e)
     if entry.forms is None:
@@ -181,10 +188,12 @@ def _session(entry: _Deployed, form: str, threads: int) -> OnnxModel:
 
 
 def _chosen(entry: _Deployed, model: Any, task: Task, batch: int, threads: int, who: str) -> str:
-    """The form ``to_onnx(int8="auto")`` picks at ``batch``/``threads`` (timed once), or the
-    form an objective with ``score_runtime="onnxruntime"`` scored (then every deployment
-    metric reports that one)."""
+    """The form ``to_onnx(int8="auto")`` picks at ``batch``/``threads`` without calibration data
+    (an exact form: fp32 or low-bit; timed once), or the form an objective with
+    ``score_runtime="onnxruntime"`` scored and checked (then every deployment metric reports
+    that one)."""
     from autocompress.deploy import tile_batch
+    from autocompress.deploy._fidelity import is_exact
     from autocompress.deploy._onnx import as_numpy, choose_form, small_forms
 
     forms = _forms(entry, model, task, who)
@@ -195,11 +204,27 @@ def _chosen(entry: _Deployed, model: Any, task: Task, batch: int, threads: int, 
         if len(forms) == 1:
             entry.choice[key] = next(iter(forms))
         else:
-            small = small_forms(forms)
+            small = [f for f in small_forms(forms) if is_exact(f)]
             sessions = {f: _session(entry, f, threads) for f in small}
             x = as_numpy(tile_batch(_example(task), batch))
             entry.choice[key] = choose_form(forms, x, threads=threads, sessions=sessions)
     return entry.choice[key]
+
+
+def deployed_form(model: Any) -> tuple[str, bytes] | None:
+    """``(form, serialized ONNX)`` an objective with ``score_runtime="onnxruntime"`` scored for
+    ``model`` (the one to ship as ``model.onnx``), or None when none was scored.
+
+    Example:
+        >>> deployed_form(nn.Linear(2, 2)) is None
+        True
+    """
+    entry = _CACHE.get(model)
+    if entry is None or entry.pinned is None or entry.forms is None:
+        return None
+    if entry.stamp != _stamp(model):
+        return None
+    return entry.pinned, entry.forms[entry.pinned]
 
 
 def measure(model: Any, task: Task, settings: LatencySettings, who: str = "latency_ms") -> dict:
