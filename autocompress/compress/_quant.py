@@ -74,6 +74,60 @@ def uniform_scale(w: torch.Tensor, bits: int, axis: int = 0, group: int = 0) -> 
     return fp16_exact(torch.clamp(amax / qmax(bits), min=_MIN_SCALE))
 
 
+CLIP_STEPS = 24
+"""Shrink factors tried by :func:`clipped_scale`: ``1, 0.97, ..., 0.31``."""
+CLIP_STEP = 0.03
+_CLIP_ROWS = 2048
+"""Rows per chunk of :func:`clipped_scale` (stays in cache; bounds the temporary memory)."""
+
+
+def clipped_scale(
+    w: torch.Tensor, bits: int, axis: int = 0, group: int = 0, *, steps: int = CLIP_STEPS
+) -> torch.Tensor:
+    """Scales like :func:`uniform_scale` but clipped: each channel's (or group's) scale is
+    ``p * max|w| / qmax`` with the shrink ``p`` in ``1, 0.97, ..., 0.31`` minimizing the
+    squared rounding error ``sum (round(w / s) * s - w) ** 2`` of its weights (the ``mse``
+    grid search of GPTQ's reference ``Quantizer.find_params``, Frantar et al. 2022). At 2-3
+    bits the ``max|w|`` grid spends its few levels on the largest weights; clipping them cuts
+    the error by a third (3 bits) to two thirds (2 bits) on Gaussian-like weights.
+
+    Same shape and fp16-exactness as :func:`uniform_scale`; ``p = 1`` (no clipping) is always a
+    candidate, so the error is never larger than the ``max|w|`` grid's.
+
+    Example:
+        >>> w = torch.linspace(-1.0, 1.0, 9)[None]  # a ternary grid: step 1.0 -> 0.76
+        >>> clipped_scale(w, 2).tolist(), uniform_scale(w, 2).tolist()
+        ([0.759765625], [1.0])
+    """
+    top = qmax(bits)
+    rows = as_rows(w.detach(), axis).float()
+    g = group or rows.shape[1]
+    pad = -rows.shape[1] % g
+    blocks = F.pad(rows, (0, pad)).reshape(rows.shape[0], -1, g)  # padding: zeros, no error
+    out = torch.empty(blocks.shape[:2], dtype=torch.float32, device=blocks.device)
+    for r in range(0, blocks.shape[0], _CLIP_ROWS):
+        b = blocks[r : r + _CLIP_ROWS]
+        amax = b.abs().amax(dim=2)
+        best_s = fp16_exact(torch.clamp(amax / top, min=_MIN_SCALE))
+        best_e: torch.Tensor | None = None
+        for i in range(steps):
+            s = (
+                best_s
+                if i == 0
+                else fp16_exact((amax * (1 - i * CLIP_STEP) / top).clamp(min=_MIN_SCALE))
+            )
+            q = (b / s[..., None]).round_().clamp_(-top, top).mul_(s[..., None]).sub_(b)
+            err = q.square_().sum(dim=2)
+            if best_e is None:
+                best_e = err
+                continue
+            better = err < best_e
+            best_e = torch.where(better, err, best_e)
+            best_s = torch.where(better, s, best_s)
+        out[r : r + _CLIP_ROWS] = best_s
+    return out if group else out[:, 0]
+
+
 def scale_grid(scale: torch.Tensor, w: torch.Tensor, axis: int = 0, group: int = 0) -> torch.Tensor:
     """``scale`` broadcastable against ``w``: per channel along ``axis``, or (``group > 0``)
     expanded to one scale per weight."""

@@ -342,6 +342,7 @@ def sensitivity(
     run_dir: str | Path | None = None,
     teacher: nn.Module | None = None,
     progress: Callable[[str], None] | None = None,
+    calibration: str | None = None,
 ) -> Sensitivity:
     """Measure every free unit of ``space`` alone at each candidate setting (no fine-tune).
 
@@ -356,6 +357,13 @@ def sensitivity(
         run_dir: if given, the result is cached in ``run_dir/sensitivity/<key>.json``, keyed
             by the teacher's weights, the task, the units and their settings, and reused.
         progress: called with one line per unit measured.
+        calibration: how uniform weights are rounded, as ``Plan.calibration``: default
+            ``"gptq"`` when the space offers it (``Knobs(calibration=...)``), else ``"none"``.
+            With ``"gptq"`` each ``Linear``-like layer of a unit gets GPTQ from the input
+            Hessian of the *teacher's* layer on the task's calibration examples (collected once,
+            ``compress._gptq.calibration_inputs``), and every other uniform weight (embeddings)
+            the clipped scales a GPTQ plan gives it (``compress._quant.clipped_scale``): what a
+            ``calibration="gptq"`` trial stores, layer by layer.
 
     Cost: one post-training ``compress.apply`` and one forward pass over ``examples`` examples
     per unit and setting; on a 22.7M-parameter MiniLM this is a small multiple of one trial
@@ -365,6 +373,10 @@ def sensitivity(
         raise PlanError(f"split={split!r}: measure sensitivity on 'train' or 'val', never 'test'")
     if isinstance(examples, bool) or not isinstance(examples, int) or examples < 1:
         raise PlanError(f"examples={examples!r} must be an integer >= 1 (e.g. 128)")
+    if calibration is None:
+        calibration = "gptq" if "gptq" in getattr(space.knobs, "calibration", ()) else "none"
+    if calibration not in ("none", "gptq"):
+        raise PlanError(f"calibration={calibration!r}: measure with 'none' or 'gptq'")
     t0 = time.perf_counter()
     teacher = (teacher if teacher is not None else task.teacher()).eval()
     order = {n: i for i, n in enumerate(space.layer_names)}
@@ -377,6 +389,8 @@ def sensitivity(
         "split": split,
         "examples": examples,
     }
+    if calibration != "none":  # only then: caches measured before the option keep their key
+        desc["calibration"] = calibration
     key = _cache_key(space, _state_hash(teacher), task, desc)
     path = Path(run_dir) / "sensitivity" / f"{key}.json" if run_dir is not None else None
     if path is not None and path.is_file():
@@ -404,6 +418,9 @@ def sensitivity(
         for n, t in state.items()
         if n not in unit_tensors and n not in aliases and t.numel()
     )
+    hess = None
+    if calibration == "gptq":
+        hess = _hessians(task, teacher, [space.layer(m) for ms in units.values() for m in ms])
     work = copy.deepcopy(teacher)  # units are compressed into it in place, then restored
     results, evals = [], 0
     for ukey, members in units.items():
@@ -412,7 +429,8 @@ def sensitivity(
         base = sum(_tensor_bytes(n, state[n], None, search) for n in tensors)
         measured = []
         for lp in settings:
-            with _swapped(work, teacher, [space.layer(m) for m in members], lp) as coded:
+            infos = [space.layer(m) for m in members]
+            with _swapped(work, teacher, infos, lp, hess) as coded:
                 out = _outputs(work, task, calib)
             nbytes = sum(_tensor_bytes(n, t, rec, search) for n, (t, rec) in coded.items())
             score = _score(task, out, y, ref)
@@ -453,14 +471,20 @@ def _holder(info: LayerInfo) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _swapped(
-    work: nn.Module, teacher: nn.Module, infos: Sequence[LayerInfo], lp: LayerPlan
+    work: nn.Module,
+    teacher: nn.Module,
+    infos: Sequence[LayerInfo],
+    lp: LayerPlan,
+    hess: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[dict[str, tuple[torch.Tensor, Any]]]:
     """Compress the layers ``infos`` of ``work`` with ``lp`` in place for the ``with`` body,
     then restore them; yields ``{tensor name: (stored value, quant record)}``.
 
     The engine itself compresses them (``compress.apply``, post-training) on a container holding
     copies of just their modules, so the rest of a large model is never copied; the baked
-    weights (and their fp16-exact biases) are then written into ``work``.
+    weights (and their fp16-exact biases) are then written into ``work``. With ``hess``
+    (tensor name -> input Hessian, see :func:`_hessians`) the uniform weights are rounded as a
+    ``calibration="gptq"`` plan rounds them (:func:`_gptq_values`).
     """
     from autocompress.compress import apply, quant_records
 
@@ -481,6 +505,15 @@ def _swapped(
     plan = Plan(layers={names[i.tensor]: lp for i in infos}, finetune=FinetuneSettings(epochs=0))
     baked = apply(container, plan)
     recs = quant_records(baked)
+    if hess is not None:
+        for info in infos:
+            path, attr = _holder(info)
+            key = f"{child_of[path]}.{attr}"
+            got = _gptq_values(teacher.get_submodule(path), attr, info, lp, hess.get(info.tensor))
+            if got is not None:
+                with torch.no_grad():
+                    getattr(baked.get_submodule(child_of[path]), attr).copy_(got[0])
+                recs[key] = got[1]
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     coded: dict[str, tuple[torch.Tensor, Any]] = {}
     try:
@@ -505,6 +538,80 @@ def _swapped(
         with torch.no_grad():
             for target, original in reversed(saved):
                 target.copy_(original)
+
+
+def _gptq_values(
+    module: nn.Module, attr: str, info: LayerInfo, lp: LayerPlan, h: torch.Tensor | None
+) -> tuple[torch.Tensor, Any] | None:
+    """``(values, quant record)`` of the teacher's ``module.<attr>`` as a GPTQ plan stores it
+    under ``lp``: GPTQ from the input Hessian ``h`` for the layers GPTQ supports, clipped-scale
+    rounding for other uniform weights; ``None`` (keep the engine's rounding) for settings GPTQ
+    leaves alone (sparse, codebook, 16/32 bits)."""
+    from autocompress.compress._gptq import gptq_rows, supported
+    from autocompress.compress._meta import QuantRecord
+    from autocompress.compress._quant import (
+        as_rows,
+        clipped_scale,
+        from_rows,
+        scale_grid,
+        uniform_codes,
+    )
+
+    if lp.scheme != "uniform" or lp.bits > 8 or lp.sparsity > 0:
+        return None
+    w = getattr(module, attr).detach().float()
+    if h is not None and supported(module, attr):
+        values, scale = gptq_rows(as_rows(w, info.axis), h, lp.bits, lp.group)
+        values = from_rows(values, w, info.axis)
+    else:
+        scale = clipped_scale(w, lp.bits, info.axis, lp.group)
+        grid = scale_grid(scale, w, info.axis, lp.group)
+        values = uniform_codes(w, scale, lp.bits, info.axis, lp.group) * grid
+    rec = QuantRecord(lp.bits, "uniform", scale=scale, axis=info.axis, group=lp.group)
+    return values, rec
+
+
+@torch.no_grad()
+def _hessians(
+    task: Task, teacher: nn.Module, infos: Sequence[LayerInfo]
+) -> dict[str, torch.Tensor]:
+    """Input Hessians ``X^T X`` (float64) of the teacher's GPTQ-able layers among ``infos``,
+    by weight tensor name, from one pass over the task's GPTQ calibration examples."""
+    from autocompress.compress._gptq import _input_rows, calibration_inputs, supported
+    from autocompress.tasks._batch import call_model
+
+    mods: dict[str, nn.Module] = {}
+    for info in infos:
+        path, attr = _holder(info)
+        mod = teacher.get_submodule(path)
+        if supported(mod, attr) and not info.aliases:
+            mods[info.tensor] = mod
+    if not mods:
+        return {}
+    out: dict[str, torch.Tensor] = {}
+    state: dict[str, Any] = {"mask": None}
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def add(mod: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None:
+                return
+            rows = _input_rows(mod, x.detach().float(), state["mask"])
+            xtx = (rows.T @ rows).double()
+            out[name] = xtx if name not in out else out[name].add_(xtx)
+
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    try:
+        for inputs in calibration_inputs(task):
+            m = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            state["mask"] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+            call_model(teacher, inputs)
+    finally:
+        for hd in handles:
+            hd.remove()
+    return out
 
 
 def _batch_y(c: tuple[Any, Any]) -> range:

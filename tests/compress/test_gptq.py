@@ -16,6 +16,7 @@ from autocompress.compress._meta import quant_records
 from autocompress.compress._prune import magnitude_mask
 from autocompress.compress._quant import (
     attach,
+    clipped_scale,
     qmax,
     scale_grid,
     set_sparsity,
@@ -144,7 +145,8 @@ def test_gptq_then_finetune_keeps_gptqs_scales() -> None:
 
 
 def test_calibrate_is_sequential_and_skips_what_it_cannot_do() -> None:
-    """Layers run in forward order; an embedding (no input activations) keeps RTN."""
+    """Layers run in forward order; an embedding (no input activations) keeps RTN, on clipped
+    scales."""
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -164,7 +166,20 @@ def test_calibrate_is_sequential_and_skips_what_it_cannot_do() -> None:
     ids = torch.randint(0, 20, (64, 5))
     assert calibrate(net, [ids[:32], ids[32:]]) == 2
     ps = {n: m.parametrizations.weight[0] for n, m in net.named_children()}
-    assert ps["emb"].fixed is None and ps["a"].fixed is not None and ps["b"].fixed is not None
+    assert ps["a"].fixed is not None and ps["b"].fixed is not None
+    emb = net.emb.parametrizations.weight
+    assert torch.equal(ps["emb"].fixed, clipped_scale(emb.original.detach(), 4, 0, 16))
+
+
+def test_clipped_static_scales_in_gptq() -> None:
+    """``clip=True``: GPTQ's static scales are the clipped ones, codes stay in range."""
+    x = _correlated(512, 64, 0)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(2))
+    w[0, 5] = 20.0
+    q, s = gptq_rows(w, x.T @ x, 3, 16, clip=True)
+    assert torch.equal(s, clipped_scale(w, 3, 0, 16))
+    codes = q / scale_grid(s, w, 0, 16)
+    assert torch.equal(codes, codes.round()) and bool((codes.abs() <= qmax(3)).all())
 
 
 def test_calibration_needs_a_task_and_a_valid_name() -> None:

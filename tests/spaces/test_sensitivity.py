@@ -166,3 +166,37 @@ def test_group_wise_scales_are_measured_at_low_bits() -> None:
     fc2 = {(m.knobs["bits"], m.knobs["group"]): m for m in sens.unit("fc2").settings}
     assert fc2[(4, 16)].bytes > fc2[(4, 0)].bytes  # two fp16 scales per row instead of one
     assert fc2[(4, 32)].bytes == fc2[(4, 0)].bytes  # 32 inputs: one group is the whole row
+
+
+def test_gptq_unit_equals_the_engine_with_gptq() -> None:
+    """With calibration 'gptq', a unit measured in place is what ``compress.apply`` gives for a
+    plan compressing that unit alone with ``calibration="gptq"``: GPTQ from the teacher's input
+    Hessian for Linear layers, clipped-scale rounding for the embedding."""
+    from autocompress.compress import apply
+    from autocompress.spaces import FinetuneSettings, LayerPlan, Plan
+    from autocompress.spaces._sensitivity import _hessians, _swapped
+    from autocompress.tasks._batch import call_model
+
+    task = _task()
+    teacher = task.teacher()
+    work = Toy()
+    work.load_state_dict(teacher.state_dict())
+    space = _space(task, bits=(3, 8), calibration=("gptq",))
+    hess = _hessians(task, teacher, space.layers)
+    assert set(hess) == {"fc1.weight", "fc2.weight", "head.weight"}  # no input for an embedding
+    x = task.example_input(16)
+    for name in ("emb", "fc2"):
+        lp = LayerPlan(bits=3, group=16)
+        with torch.no_grad(), _swapped(work, teacher, [space.layer(name)], lp, hess):
+            got = call_model(work, x)
+        plan = Plan(layers={name: lp}, calibration="gptq", finetune=FinetuneSettings(epochs=0))
+        full = apply(teacher, plan, task)
+        with torch.no_grad():
+            want = call_model(full, x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    sens = sensitivity(task, space, examples=16)
+    assert sens.unit("fc1").settings[-1].knobs["bits"] == 3
+    plain = sensitivity(task, space, examples=16, calibration="none")
+    assert plain.key != sens.key
+    with pytest.raises(PlanError, match="calibration='awq'"):
+        sensitivity(task, space, calibration="awq")
