@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autocompress.artifacts._format import describe, encode_state, parse_weights
+from autocompress.artifacts._format import describe, encode_chunks, parse_weights
 from autocompress.artifacts._io import (
     DEPLOY_FILES,
     MANIFEST,
@@ -21,8 +23,10 @@ from autocompress.artifacts._io import (
     OPTIONAL_FILES,
     PLAN,
     WEIGHTS,
+    Content,
     atomic_write,
     fsync_dir,
+    listing,
     manifest_bytes,
     read_manifest,
     read_verified,
@@ -85,18 +89,25 @@ def _metrics_bytes(metrics: dict[str, Any]) -> bytes:
     ).encode()
 
 
-def _write_dir(path: Path, files: dict[str, bytes], metrics: bytes | None) -> None:
-    """Write ``files`` (manifest last) so that no half-written directory ever looks valid."""
+def _write_dir(
+    path: Path, files: dict[str, Content], metrics: bytes | None, manifest: Callable[[], bytes]
+) -> None:
+    """Write ``files``, then ``manifest()`` last, so that no half-written directory ever looks
+    valid (the manifest is asked for only once every other file is written: the exporter
+    hashes them meanwhile)."""
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{str(path)!r} exists and is not a directory: choose another path")
-    order = [n for n in files if n != MANIFEST]
+    order = list(files)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_name(path)
         tmp.mkdir()
         try:
-            for name in order + ([METRICS] if metrics is not None else []) + [MANIFEST]:
-                atomic_write(tmp / name, metrics if name == METRICS else files[name])
+            for name in order:
+                atomic_write(tmp / name, files[name])
+            if metrics is not None:
+                atomic_write(tmp / METRICS, metrics)
+            atomic_write(tmp / MANIFEST, manifest())
             try:
                 os.rename(tmp, path)
                 fsync_dir(path.parent)
@@ -117,7 +128,7 @@ def _write_dir(path: Path, files: dict[str, bytes], metrics: bytes | None) -> No
         (path / METRICS).unlink(missing_ok=True)  # stale metrics would describe another model
     else:
         atomic_write(path / METRICS, metrics)
-    atomic_write(path / MANIFEST, files[MANIFEST])
+    atomic_write(path / MANIFEST, manifest())
 
 
 def export(
@@ -165,17 +176,21 @@ def export(
         raise ArtifactError(f"task_spec={task_spec!r} must be a one-line string like 'digits-mlp'")
     if metrics is not None and not isinstance(metrics, dict):
         raise ArtifactError(f"metrics must be a dict, got {type(metrics).__name__}")
-    files = {
-        WEIGHTS: encode_state(model.state_dict(), quant_records(model)),
+    p = Path(path)
+    if p.exists() and not p.is_dir():  # before the encoding, which takes seconds on big models
+        raise ArtifactError(f"{str(p)!r} exists and is not a directory: choose another path")
+    files: dict[str, Content] = {
+        WEIGHTS: encode_chunks(model.state_dict(), quant_records(model)),
         PLAN: plan.deployment_json().encode(),
     }
     if onnx_example is not None:
         from autocompress.deploy import onnx_form
 
         files[ONNX] = onnx_form(model, onnx_example, int8="auto")
-    files[MANIFEST] = manifest_bytes(files, task_spec)
-    p = Path(path)
-    _write_dir(p, files, None if metrics is None else _metrics_bytes(metrics))
+    metrics_b = None if metrics is None else _metrics_bytes(metrics)
+    with ThreadPoolExecutor(1) as pool:  # sha256 of the files while they are written
+        listed = pool.submit(listing, files)
+        _write_dir(p, files, metrics_b, lambda: manifest_bytes(files, task_spec, listed.result()))
     return Artifact.open(p)
 
 

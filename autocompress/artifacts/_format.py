@@ -123,14 +123,22 @@ def _workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def encode_state(
+def encode_chunks(
     state: Mapping[str, torch.Tensor], records: Mapping[str, QuantRecord]
-) -> bytearray:
-    """The weights file bytes of a state dict and its quant records (deterministic).
+) -> list[bytes | memoryview]:
+    """The weights file of a state dict and its quant records as buffers to write back to back:
+    the safetensors header, then every stored tensor's stream (deterministic).
 
     Tied tensors are stored once (see :func:`tied_groups`); a tied group is coded with the
     record of its first name that has one. Tensors are encoded in parallel threads (the heavy
     numpy, torch and zstd calls release the GIL); the result does not depend on the order.
+    The streams are returned as they were encoded, not joined: a big model's file is written
+    and hashed from them directly (see ``_io``), without a second copy of its bytes.
+
+    Example:
+        >>> parts = encode_chunks({"w": torch.zeros(4)}, {})
+        >>> b"".join(parts) == bytes(encode_state({"w": torch.zeros(4)}, {}))
+        True
     """
     unknown = sorted(set(records) - set(state))
     if unknown:
@@ -162,15 +170,17 @@ def encode_state(
     # the same model must always give the same bytes. Padding to 8 bytes as safetensors does.
     header = json.dumps({"__metadata__": meta, "blob": info}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    out = bytearray(8 + len(header) + total)
-    out[:8] = len(header).to_bytes(8, "little")
-    offset = 8 + len(header)
-    out[8:offset] = header
-    for n in stored:
-        data = done[n].stream.data
-        out[offset : offset + len(data)] = data
-        offset += len(data)
-    return out
+    parts: list[bytes | memoryview] = [len(header).to_bytes(8, "little") + header]
+    parts += [memoryview(done[n].stream.data).cast("B") for n in stored if done[n].stream.data]
+    return parts
+
+
+def encode_state(
+    state: Mapping[str, torch.Tensor], records: Mapping[str, QuantRecord]
+) -> bytearray:
+    """The weights file bytes of a state dict and its quant records, as one buffer
+    (:func:`encode_chunks` joined)."""
+    return bytearray(b"".join(encode_chunks(state, records)))
 
 
 def _parse_entry(text: str, version: int) -> tuple[Entry, int]:

@@ -13,6 +13,12 @@ as dense zeros, fp32 or int8), not something the compressed artifact needs; a de
 one or the other. Its size is the ``onnx_bytes`` metric. A manifest without it is exactly the
 version-1 manifest written before ONNX forms existed, so old artifacts load unchanged.
 ``metrics.json`` is informational: neither listed, hashed nor counted.
+
+File contents are ``bytes`` or, for the weights of big models, a sequence of buffers (the
+safetensors header, then every tensor's stream as it was encoded): written with one ``write``
+per buffer and hashed buffer by buffer, never joined into one copy. The exporter hashes in a
+second thread while the files are written (both release the GIL), and a verified read hashes
+each chunk while the next one is read.
 """
 
 from __future__ import annotations
@@ -23,8 +29,12 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from autocompress.errors import ArtifactError
 
@@ -43,6 +53,31 @@ _KEYS = {"format", "version", "task_spec", "files", "size_bytes"}
 _MAX_MANIFEST = 1 << 20
 _MAX_FILE = {WEIGHTS: 1 << 36, PLAN: 16 << 20, ONNX: 1 << 36}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 8 << 20
+"""Read size of verified reads: big enough that a syscall per chunk costs nothing, small enough
+that hashing chunk ``k`` overlaps reading chunk ``k + 1`` for most of the file."""
+
+Content = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+"""A file's content: one bytes-like object or a sequence of them (written back to back)."""
+
+
+def _parts(data: Content) -> Sequence[bytes | bytearray | memoryview]:
+    return (data,) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def nbytes(data: Content) -> int:
+    """Length of a file's content in bytes.
+
+    Example:
+        >>> nbytes([b"ab", memoryview(b"cde")]), nbytes(b"xyz")
+        (5, 3)
+    """
+    return sum(memoryview(b).nbytes for b in _parts(data))
+
+
+def join(data: Content) -> bytes:
+    """A file's content as one ``bytes`` object (for small files and tests)."""
+    return b"".join(_parts(data))
 
 
 def tmp_name(path: Path) -> Path:
@@ -60,12 +95,13 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: Content) -> None:
     """Write ``data`` to ``path`` atomically: temp file in the same dir, fsync, ``os.replace``."""
     tmp = tmp_name(path)
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            for part in _parts(data):
+                f.write(part)  # a buffered write of a big buffer goes straight to the kernel
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -75,15 +111,34 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def sha256(data: bytes) -> str:
-    """Hex sha256 of ``data``."""
-    return hashlib.sha256(data).hexdigest()
+def sha256(data: Content) -> str:
+    """Hex sha256 of ``data`` (hashed buffer by buffer: no joined copy).
+
+    Example:
+        >>> sha256([b"a", b"bc"]) == sha256(b"abc")
+        True
+    """
+    h = hashlib.sha256()
+    for part in _parts(data):
+        h.update(part)
+    return h.hexdigest()
 
 
-def manifest_bytes(files: dict[str, bytes], task_spec: str | None) -> bytes:
+def listing(files: dict[str, Content]) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes": n, "sha256": hex}}`` of ``files`` (the manifest's ``files``)."""
+    return {n: {"bytes": nbytes(b), "sha256": sha256(b)} for n, b in sorted(files.items())}
+
+
+def manifest_bytes(
+    files: dict[str, Content],
+    task_spec: str | None,
+    listed: dict[str, dict[str, Any]] | None = None,
+) -> bytes:
     """The manifest for ``files`` (name -> content), ``size_bytes`` included.
 
     ``files`` holds the deployment files and optionally ``model.onnx`` (listed, not counted).
+    ``listed`` is :func:`listing` of ``files`` when the caller already computed it (the
+    exporter hashes while it writes).
     """
     unknown = sorted(set(files) - set(DEPLOY_FILES) - set(OPTIONAL_FILES))
     if unknown or not set(DEPLOY_FILES) <= set(files):
@@ -91,11 +146,13 @@ def manifest_bytes(files: dict[str, bytes], task_spec: str | None) -> bytes:
             f"manifest files must be {list(DEPLOY_FILES)} + optional "
             f"{list(OPTIONAL_FILES)}, got {sorted(files)}"
         )
-    listing = {n: {"bytes": len(b), "sha256": sha256(b)} for n, b in sorted(files.items())}
-    base = sum(len(files[n]) for n in DEPLOY_FILES)
+    listed = listing(files) if listed is None else listed
+    if sorted(listed) != sorted(files):
+        raise ArtifactError(f"listing names {sorted(listed)}, files are {sorted(files)}")
+    base = sum(listed[n]["bytes"] for n in DEPLOY_FILES)
     size, text = base, b""
     for _ in range(8):  # size = base + len(manifest(size)); monotone, converges in <= 3 steps
-        doc = {"files": listing, "format": FORMAT, "size_bytes": size, "task_spec": task_spec}
+        doc = {"files": listed, "format": FORMAT, "size_bytes": size, "task_spec": task_spec}
         doc["version"] = VERSION
         text = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
         if base + len(text) == size:
@@ -150,10 +207,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return m
 
 
-def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Manifest and the bytes of every listed file, each checked for size and sha256."""
+def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes | memoryview]]:
+    """Manifest and the bytes of every listed file, each checked for size and sha256 (files
+    over ``_CHUNK`` bytes come back as a read-only-by-convention ``memoryview``)."""
     m = read_manifest(path)
-    out: dict[str, bytes] = {}
+    out: dict[str, bytes | memoryview] = {}
     for name, info in m["files"].items():
         fpath = path / name
         if not fpath.is_file():
@@ -162,8 +220,39 @@ def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
             raise _bad(
                 path, f"{name} has {fpath.stat().st_size} bytes, manifest says {info['bytes']}"
             )
-        data = fpath.read_bytes()
-        if len(data) != info["bytes"] or sha256(data) != info["sha256"]:
+        data, digest = _read_hashed(fpath, info["bytes"])
+        if digest != info["sha256"]:
             raise _bad(path, f"{name} fails its sha256 check (corrupt or modified)")
         out[name] = data
     return m, out
+
+
+def _read_hashed(fpath: Path, size: int) -> tuple[bytes | memoryview, str | None]:
+    """The first ``size`` bytes of ``fpath`` and their sha256, or ``None`` as the digest when
+    the file does not hold exactly ``size`` bytes (it changed after the size check).
+
+    One copy, into an uninitialized buffer of the announced size (no zero-filling); from
+    ``_CHUNK`` bytes on, chunk ``k`` is hashed in a second thread while chunk ``k + 1`` is read
+    (both release the GIL).
+    """
+    with open(fpath, "rb") as f:
+        if size <= _CHUNK:
+            data = f.read(size + 1)
+            return data, (sha256(data) if len(data) == size else None)
+        view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
+        h, pos = hashlib.sha256(), 0
+        with ThreadPoolExecutor(1) as pool:
+            pending = None
+            while pos < size:
+                n = f.readinto(view[pos : pos + _CHUNK])
+                if not n:
+                    break
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(h.update, view[pos : pos + n])
+                pos += n
+            if pending is not None:
+                pending.result()
+        if pos != size or f.read(1):
+            return view, None
+        return view, h.hexdigest()

@@ -47,7 +47,7 @@ def _rebuild(
     """The architecture the artifact's tensors belong to (base model + structural plan steps)."""
     task = None
     if model is not None:
-        base = copy.deepcopy(model)
+        base = _copy_architecture(model, shapes, plan)
     elif task_spec is None:
         raise ArtifactError("artifact has no task_spec: pass model=<its uncompressed architecture>")
     else:
@@ -79,6 +79,29 @@ def _rebuild(
     from autocompress.compress import restructure
 
     return restructure(base, plan, example_input)
+
+
+def _copy_architecture(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], plan: Plan
+) -> nn.Module:
+    """A deep copy of ``model`` whose state-dict tensors are left uninitialized when the
+    artifact's tensors will overwrite all of them (no structural step reads them first).
+
+    ``load`` then loads every state-dict key with ``strict=True``, so copying a 100M-parameter
+    model's weights only to replace them would cost more than decoding the artifact.
+    Non-persistent buffers (not in the state dict) are copied as they are.
+    """
+    own = model.state_dict(keep_vars=True)
+    if {n: tuple(t.shape) for n, t in own.items()} != shapes and _is_structural(plan):
+        return copy.deepcopy(model)  # restructure() reads the base weights
+    memo: dict[int, object] = {}
+    for t in own.values():
+        if id(t) not in memo:
+            blank = torch.empty_like(t, memory_format=torch.contiguous_format)
+            memo[id(t)] = (
+                nn.Parameter(blank, t.requires_grad) if isinstance(t, nn.Parameter) else blank
+            )
+    return copy.deepcopy(model, memo)
 
 
 def _check_shapes(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -192,4 +215,4 @@ def _onnx_model(
             f"artifact {str(path)!r} has no {ONNX}: re-export it with "
             "export(..., onnx_example=task.example_input()) or load it with runtime='torch'"
         )
-    return OnnxModel(data[ONNX], threads=threads, providers=providers or CPU)
+    return OnnxModel(bytes(data[ONNX]), threads=threads, providers=providers or CPU)

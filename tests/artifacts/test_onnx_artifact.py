@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-import autocompress.deploy._onnx as onnx_mod
 from autocompress.artifacts import Artifact, artifact_size, export, inspect_artifact, load
 from autocompress.artifacts._load import INT8_REL, ONNX_ATOL
 from autocompress.compress import apply
@@ -113,7 +112,10 @@ def test_real_tasks_within_the_stated_tolerance(compressed, tmp_path: Path) -> N
 
 def test_int8_form_within_the_stated_tolerance(compressed, tmp_path: Path, monkeypatch) -> None:
     task, model, plan = compressed
-    monkeypatch.setattr(onnx_mod, "fastest_form", lambda forms, *a, **k: "int8")
+    import autocompress.deploy as deploy_pkg
+
+    real = deploy_pkg.onnx_form  # int8="auto" keeps exact forms without calibration data
+    monkeypatch.setattr(deploy_pkg, "onnx_form", lambda m, x, **k: real(m, x, int8=True))
     art = export(
         model, plan, tmp_path / "a", task_spec=task.spec, onnx_example=task.example_input()
     )
