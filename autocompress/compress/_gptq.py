@@ -66,9 +66,12 @@ BLOCK = 128
 """Columns per lazy batch update."""
 ACT_ORDER = True
 """Quantize the most active input columns first (the paper's "act-order"), static groups."""
-CLIP = False
-"""Static scales clipped to the least weight error (``compress._quant.clipped_scale``, the
-reference implementation's ``mse`` option) instead of ``max|w| / qmax``."""
+CLIP_BITS = 3
+"""At this many bits and below, GPTQ's static scales are clipped to the least weight error
+(``compress._quant.clipped_scale``, the reference implementation's ``mse`` option) instead of
+``max|w| / qmax``. On MiniLM (val cosine drop, one layer role of all 6 blocks quantized alone,
+group 128) clipping takes the value / attention-output projections at 3 bits from 0.018 /
+0.020 to 0.011 / 0.012 (Q/K: 0.008 -> 0.009); at 4 bits it changes little either way."""
 
 
 def gptq_rows(
@@ -84,6 +87,9 @@ def gptq_rows(
     clip: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight seen as rows ``(out, n)`` with input Hessian ``h`` ``(n, n)``.
+
+    ``clip`` (default: ``bits <= CLIP_BITS``) clips the static scales to the least weight
+    error (with ``act_order``; otherwise scales stay ``max|w| / qmax``).
 
     ``act_order`` quantizes the columns with the largest ``H`` diagonal (the most active
     inputs) first, with *static* groups (every group's scale from the weights before any
@@ -109,7 +115,7 @@ def gptq_rows(
     dead = torch.diag(hh) == 0
     hh[dead, dead] = 1.0  # inputs never seen: no error to propagate from or to them
     top = qmax(bits)
-    clip = CLIP if clip is None else clip
+    clip = bits <= CLIP_BITS if clip is None else clip
     if act_order:
         return _act_order(wf, hh, m, bits, group, damp, block, clip)
     hinv = _inverse_cholesky(hh, damp)

@@ -75,11 +75,21 @@ log = logging.getLogger(__name__)
 VERSION = 1
 DEFAULT_BITS = (8, 6, 4, 3)
 """Bit-widths measured by default (those of them the space offers; all of its own otherwise)."""
+FINETUNED_SLACK = 4.0
+"""How far past the tolerated drop the greedy warm start goes when plans are fine-tuned."""
+EMBED_BITS = (2,)
+"""Widths measured in addition for token embeddings (role ``embed``) when the space offers
+them: the biggest tensor of a small language model, with no GPTQ to lean on, so its lowest
+widths are where bytes are (MiniLM's word embedding at 2 bits, group 32, clipped: 2.8 MB of
+the 9.4 MB an 8x plan has, at a val cosine drop of 0.03)."""
 SPARSITY_LEVELS = (0.5, 0.75, 0.9)
 """Sparsity levels tried per unit when the space searches sparsity (at the top bit-width)."""
-HAND = ((8, 8), (8, 4), (6, 8), (6, 4))
-"""(bits of every other layer, bits of the token embeddings) of the hand-style plans: all 8-bit,
-Linear 8-bit + embedding 4-bit, Linear 6-bit + embedding 8-bit, Linear 6-bit + embedding 4-bit."""
+HAND = ((8, 8), (8, 4), (6, 8), (6, 4), (4, 4, 128, 128), (4, 3, 128, 64), (4, 2, 64, 32))
+"""(bits of every other layer, bits of the token embeddings[, their groups]) of the hand-style
+plans: all 8-bit, Linear 8-bit + embedding 4-bit, Linear 6-bit + embedding 8-bit, Linear 6-bit
++ embedding 4-bit; and the small ones a fine-tune (or GPTQ) is for: Linear 4-bit with group-128
+scales + embedding 4-bit group 128, 3-bit group 64 or 2-bit group 32 (about 7x, 8x and 9x on
+MiniLM)."""
 
 
 @dataclass(frozen=True)
@@ -290,19 +300,22 @@ def candidate_settings(
     members: Sequence[str],
     bits: Iterable[int] | None = None,
     sparsity: Iterable[float] | None = None,
+    role: str = "",
 ) -> tuple[list[LayerPlan], LayerPlan | None]:
     """``(settings to measure, the kept setting or None)`` of one unit, every one in the space.
 
     Settings: each bit-width of ``bits`` (default: those of :data:`DEFAULT_BITS` the space
     offers, else all of the space's but 32) at the space's
-    lowest sparsity; with group-wise scales in the space (the ``group`` knob), the finest and
+    lowest sparsity (token embeddings, ``role="embed"``, also at :data:`EMBED_BITS`); with
+    group-wise scales in the space (the ``group`` knob), the finest and
     coarsest group at 4 bits and below; with sparsity searched, :data:`SPARSITY_LEVELS` (or
     ``sparsity``) at the highest bit-width <= 8. The kept setting is the identity when the space
     allows a unit to stay uncompressed.
     """
     k = space.knobs
     if bits is None:  # a few well-spread widths keep the pass cheap; the search tries the rest
-        bits = [b for b in k.bits if b in DEFAULT_BITS] or [b for b in k.bits if b != 32]
+        wanted = DEFAULT_BITS + (EMBED_BITS if role == "embed" else ())
+        bits = [b for b in k.bits if b in wanted] or [b for b in k.bits if b != 32]
     bits_l = sorted({b for b in bits if b != 32}, reverse=True)
     want: list[dict[str, Any]] = [{"bits": b} for b in bits_l]
     groups = [g for g in getattr(k, "groups", (0,)) or (0,) if g]
@@ -381,7 +394,8 @@ def sensitivity(
     teacher = (teacher if teacher is not None else task.teacher()).eval()
     order = {n: i for i, n in enumerate(space.layer_names)}
     units = dict(sorted(space.free_groups().items(), key=lambda kv: order[kv[1][0]]))
-    plans = {key: candidate_settings(space, members, bits, sparsity)
+    roles = layer_roles(space.layers)
+    plans = {key: candidate_settings(space, members, bits, sparsity, roles[key][0])
              for key, members in units.items()}  # fmt: skip
     desc = {
         "units": {k: list(m) for k, m in units.items()},
@@ -407,7 +421,6 @@ def sensitivity(
     teacher_score = _score(task, ref, y, ref)
     state = teacher.state_dict()
     search = sum(t.numel() for t in state.values()) <= _search_numel()
-    roles = layer_roles(space.layers)
     from autocompress.artifacts._format import tied_groups
 
     aliases = tied_groups(state)
@@ -760,27 +773,31 @@ def greedy_plans(
     return plans
 
 
-def hand_plans(space: CompressionSpace, combos: Sequence[tuple[int, int]] = HAND) -> list[Plan]:
+def hand_plans(space: CompressionSpace, combos: Sequence[tuple[int, ...]] = HAND) -> list[Plan]:
     """The hand-style plans of :data:`HAND` on this space: token embeddings (role ``embed``)
-    at one bit-width, every other free layer at another (position tables at the larger of the
-    two), projected onto the space.
+    at one bit-width and group size, every other free layer at another (position tables at the
+    larger of the two widths), projected onto the space (nearest widths and groups it offers;
+    duplicates dropped).
 
     Example:
         >>> from autocompress.spaces import CompressionSpace, Knobs
         >>> from autocompress.tasks._models import DigitsMLP
         >>> space = CompressionSpace.from_model(DigitsMLP(), Knobs(bits=(4, 6, 8)))
         >>> [p.layers["fc1"].bits for p in hand_plans(space)]
-        [8, 6]
+        [8, 6, 4]
     """
     roles = layer_roles(space.layers)
     units = space.free_groups()
     plans: list[Plan] = []
-    for other, emb in combos:
+    for combo in combos:
+        other, emb = combo[:2]
+        other_g, emb_g = (*combo[2:4], 0, 0)[:2]
         layers: dict[str, LayerPlan] = dict(space.pin)
         for key, members in units.items():
             role = roles[key][0]  # position tables: small, kept at least as precise as the rest
             b = emb if role == "embed" else max(other, emb) if role == "embed_pos" else other
-            layers.update(dict.fromkeys(members, LayerPlan(bits=b)))
+            g = emb_g if role == "embed" else other_g
+            layers.update(dict.fromkeys(members, LayerPlan(bits=b, group=g if b <= 8 else 0)))
         p = space.project(Plan(layers=layers, finetune=space.finetune))
         if p not in plans:
             plans.append(p)
@@ -814,11 +831,15 @@ def sensitivity_plans(
     in ``space`` (``search.run(baselines=...)`` accepts them strictly).
 
     ``objective`` (an ``Objective`` or a number) gives the tolerated ``accuracy_drop`` that ends
-    the greedy path; ``measure`` goes to :func:`sensitivity` (``run_dir``, ``examples``,
-    ``split``...) unless ``sens`` is given.
+    the greedy path (at twice it; at :data:`FINETUNED_SLACK` times it when the space's plans
+    are fine-tuned, ``space.finetune.epochs > 0``: the fine-tune wins part of the drop back, so
+    smaller plans are worth opening with); ``measure`` goes to :func:`sensitivity`
+    (``run_dir``, ``examples``, ``split``...) unless ``sens`` is given.
     """
     sens = sens if sens is not None else sensitivity(task, space, **measure)
-    plans = greedy_plans(sens, space, n, max_drop=max_drop_of(objective))
+    tuned = getattr(space.finetune, "epochs", 0) > 0
+    slack = FINETUNED_SLACK if tuned else 2.0
+    plans = greedy_plans(sens, space, n, max_drop=max_drop_of(objective), slack=slack)
     for p in hand_plans(space) if hand else []:
         if p not in plans:
             plans.append(p)

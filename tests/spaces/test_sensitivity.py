@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -200,3 +202,41 @@ def test_gptq_unit_equals_the_engine_with_gptq() -> None:
     assert plain.key != sens.key
     with pytest.raises(PlanError, match="calibration='awq'"):
         sensitivity(task, space, calibration="awq")
+
+
+def test_token_embeddings_are_also_measured_at_two_bits() -> None:
+    task = _task()
+    space = _space(task, bits=(2, 3, 4, 8))
+    sens = sensitivity(task, space, examples=8)
+    assert [m.knobs["bits"] for m in sens.unit("emb").settings] == [8, 4, 3, 2]
+    assert [m.knobs["bits"] for m in sens.unit("fc1").settings] == [8, 4, 3]
+
+
+def test_hand_plans_near_eight_x_carry_their_groups() -> None:
+    from autocompress.spaces._sensitivity import hand_plans
+
+    task = _task()
+    space = _space(task, bits=(2, 3, 4, 6, 8), groups=(0, 16, 32))
+    plans = hand_plans(space)
+    got = [(p.layers["fc1"].bits, p.layers["fc1"].group, p.layers["emb"].bits,
+            p.layers["emb"].group) for p in plans]  # fmt: skip
+    # groups snap to the space's nearest (128 -> 32, 64 -> 32); 8/6-bit plans keep group 0
+    assert got == [(8, 0, 8, 0), (8, 0, 4, 0), (6, 0, 8, 0), (6, 0, 4, 0), (4, 32, 4, 32),
+                   (4, 32, 3, 32), (4, 32, 2, 32)]  # fmt: skip
+
+
+def test_fine_tuned_spaces_open_with_smaller_plans() -> None:
+    from autocompress.spaces import FinetuneSettings
+    from autocompress.spaces._sensitivity import sensitivity_plans
+
+    task = _task()
+    knobs = Knobs(sparsity=None, bits=(2, 3, 4, 6, 8))
+    post = CompressionSpace.from_model(task.teacher(), knobs, finetune=FinetuneSettings(epochs=0))
+    tuned = CompressionSpace.from_model(task.teacher(), knobs, finetune=FinetuneSettings(epochs=1))
+    measured = sensitivity(task, post, examples=16)  # drops on random labels are all 0: use
+    units = [replace(u, settings=tuple(replace(m, drop=m.distortion) for m in u.settings))
+             for u in measured.units]  # fmt: skip
+    sens = replace(measured, units=units)  # drops that grow with the distortion
+    small = [min(sens.estimate(p) for p in sensitivity_plans(task, s, 0.002, sens=sens, hand=False))
+             for s in (post, tuned)]  # fmt: skip
+    assert small[1] < small[0]
