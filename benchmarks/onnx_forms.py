@@ -7,9 +7,15 @@ library, read with ``ast``; nothing generated):
 * ``quantize_dynamic``: ONNX Runtime's ``quantize_dynamic`` (int8 weights, default settings) of
   that fp32 file: what users do today;
 * for each hand plan applied with ``compress.apply`` (post-training, no fine-tune): the
-  ``lowbit`` form (the artifact's own codes: ``MatMulNBits`` / ``GatherBlockQuantized``) and
-  the ``int8`` form (int8 Linear with the exact codes, embeddings low-bit), next to the
-  artifact's ``size_bytes``, and the form ``to_onnx(int8="auto")`` ships.
+  exact ``lowbit`` form (the artifact's own codes: ``MatMulNBits`` / ``GatherBlockQuantized``),
+  the ``lowbit_int8`` form (the same codes, ``MatMulNBits`` with ``accuracy_level=4``: int8
+  activations per block, 8-bit weights through its 8-bit kernel), the ``int8_token`` form
+  (int8 ``MatMulInteger`` on the exact codes, activations quantized per token) and the ``int8``
+  form (ONNX Runtime dynamic quantization with the exact codes: activations per tensor),
+  next to the artifact's ``size_bytes``; the form ``to_onnx(int8="auto")`` ships without
+  calibration data (always an exact form) and the one it ships with calibration data (64
+  other sentences, default tolerance, and a check that their mean-pooled cosine to the
+  teacher stays >= 0.99: what the search's constraint does).
 
 Fidelity: the cosine of each form's sentence embeddings (mean pooled over the attention mask,
 as sentence-transformers does) to the fp32 PyTorch teacher's, mean and min over the sentences.
@@ -41,6 +47,7 @@ from _md import table, write_section  # noqa: E402
 from autocompress.artifacts import export  # noqa: E402
 from autocompress.compress import apply  # noqa: E402
 from autocompress.deploy import OnnxModel, deploy_forms, export_fp32, measure_latency  # noqa: E402
+from autocompress.deploy._fidelity import Fidelity  # noqa: E402
 from autocompress.deploy._latency import paired_ratio  # noqa: E402
 from autocompress.deploy._onnx import as_numpy, choose_form, runner  # noqa: E402
 from autocompress.spaces import LayerPlan, Plan  # noqa: E402
@@ -48,6 +55,9 @@ from autocompress.spaces._discover import discover_layers  # noqa: E402
 
 THREADS = 1
 MAX_LEN = 128
+MIN_COS = 0.99
+"""The constraint the calibration check holds (mean-pooled cosine to the teacher)."""
+FORM_ORDER = ("lowbit", "lowbit_int8", "int8_token", "int8")
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -105,15 +115,24 @@ def plans(model: torch.nn.Module, quick: bool) -> dict[str, Plan]:
             lp[word] = LayerPlan(bits=emb, **({"group": group} if group else {}))
         return Plan(layers=lp)
 
+    def grouped(lin: int, lin_group: int, emb: int, emb_group: int) -> Plan:
+        lp = {n: LayerPlan(bits=lin, group=lin_group) for n in linear}
+        lp[word] = LayerPlan(bits=emb, group=emb_group)
+        return Plan(layers=lp)
+
     out = {
         "Linear 8-bit + word embedding 4-bit": plan(8, 4),
-        "Linear 4-bit + word embedding 4-bit": plan(4, 4),
+        "Linear 4-bit g64 + word embedding 4-bit g32": grouped(4, 64, 4, 32),
     }
     if not quick:
         out["all 8-bit (Linear + word embedding)"] = plan(8, 8)
-        if "group" in LayerPlan.__dataclass_fields__:
-            out["Linear 4-bit + word embedding 4-bit, group 32"] = plan(4, 4, group=32)
+        out["Linear 4-bit g32 + word embedding 4-bit g32"] = grouped(4, 32, 4, 32)
+        out["Linear 4-bit g64 + word embedding 3-bit g32"] = grouped(4, 64, 3, 32)
     return out
+
+
+def verdict(ok: bool | None) -> str:
+    return {True: "pass", False: "fail", None: "(not checked)"}[ok]
 
 
 def quantize_dynamic_form(fp32: bytes) -> bytes:
@@ -138,22 +157,32 @@ def main() -> None:
     t0 = time.monotonic()
     st = SentenceTransformer(str(g.get_model_path()), device="cpu")
     tok, bert = st.tokenizer, st[0].auto_model.eval()
-    texts = sentences(40 if args.quick else 200)
-    enc = [
-        dict(
+    n_test = 40 if args.quick else 200
+    pool = sentences(n_test + 64)
+    texts, cal_texts = pool[:n_test], pool[n_test:]  # disjoint: calibration never scores
+
+    def encode(ts: list[str]) -> list[dict[str, torch.Tensor]]:
+        enc = [
             tok(
-                texts[i : i + 32],
+                ts[i : i + 32],
                 padding=True,
                 truncation=True,
                 max_length=MAX_LEN,
                 return_tensors="pt",
             )
-        )
-        for i in range(0, len(texts), 32)
-    ]
-    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in enc]
+            for i in range(0, len(ts), 32)
+        ]
+        return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in enc]
+
+    batches, cal = encode(texts), encode(cal_texts)
     with torch.no_grad():
         ref = embed(lambda b: bert(**b).last_hidden_state, batches)
+        cal_ref = embed(lambda b: bert(**b).last_hidden_state, cal)
+
+    def holds(om: OnnxModel) -> bool:  # the search's constraint, on calibration sentences
+        e = embed(lambda b: om.run_numpy(**as_numpy(b))[0], cal)
+        return float(cosine(e, cal_ref).mean()) >= MIN_COS
+
     example = {k: v[:4] for k, v in batches[0].items()}
     fp32 = export_fp32(bert, example, output="last_hidden_state").SerializeToString()
     forms: dict[str, bytes] = {"fp32": fp32, "quantize_dynamic": quantize_dynamic_form(fp32)}
@@ -172,16 +201,24 @@ def main() -> None:
             made = deploy_forms(q, example, output="last_hidden_state")
             x32 = as_numpy(batches[0])
             auto = choose_form(made, x32, threads=THREADS)
-            for form in ("lowbit", "int8"):
+            fid = Fidelity(cal, check=holds)
+            fid.set_reference(OnnxModel(made.get("lowbit", made["fp32"]), threads=THREADS))
+            auto_cal = choose_form(made, x32, threads=THREADS, fidelity=fid)
+            for form in FORM_ORDER:
                 if form not in made:
                     continue
                 key = f"p{i}:{form}"
                 forms[key] = made[form]
+                marks = [m for m, f in (("auto", auto), ("auto+cal", auto_cal)) if f == form]
+                err = fid.verdicts.get(form)
+                if err is None and form != "lowbit":  # not reached by the choice: measure it
+                    err = (fid.error(OnnxModel(made[form], threads=THREADS)), None)
                 info[key] = {
                     "plan": label,
-                    "form": form + (" (auto)" if form == auto else ""),
+                    "form": form + (f" ({', '.join(marks)})" if marks else ""),
                     "artifact": art.size_bytes,
                     "torch_cos": float(torch_cos.mean()),
+                    "check": "-" if err is None else f"{err[0]:.1e} " + verdict(err[1]),
                 }
     print(f"setup {time.monotonic() - t0:.0f} s", flush=True)
     sessions = {k: OnnxModel(v, threads=THREADS) for k, v in forms.items()}
@@ -216,6 +253,7 @@ def main() -> None:
                 "ONNX / artifact": f"{r['onnx'] / art:.2f}" if art else "-",
                 "cos (mean / min)": f"{r['cos']:.4f} / {r['cos_min']:.4f}",
                 "torch cos": f"{r['torch_cos']:.4f}" if "torch_cos" in r else "-",
+                "cal. error / pass": r.get("check", "-"),
                 "batch 1 ms (vs fp32)": f"{r['ms1']:.1f} ({r['x1']:.2f}x)",
                 "batch 32 ms (vs fp32)": f"{r['ms32']:.0f} ({r['x32']:.2f}x)",
             }
@@ -228,9 +266,16 @@ def main() -> None:
         f"of the mean-pooled embeddings to the fp32 PyTorch teacher's; torch cos: the same for "
         f"the compressed PyTorch model (the low-bit form computes its weights exactly). "
         f"Latency: ONNX Runtime {__import__('onnxruntime').__version__} CPU, {THREADS} thread, "
-        f"all forms interleaved; (Nx) = fp32 time / form time, median of per-round ratios; "
-        f"'(auto)' marks the form `to_onnx(int8='auto')` ships (fastest at batch 32 among the "
-        f"forms within 1.25x of the smallest file).\n\n" + table(rows, cols)
+        f"all forms interleaved; (Nx) = fp32 time / form time, median of per-round ratios. "
+        f"'(auto)' marks the form `to_onnx(int8='auto')` ships without calibration data (the "
+        f"fastest exact form at batch 32 among the forms within 1.25x of the smallest file); "
+        f"'(auto+cal)' the one it ships with `calibration=` {len(cal_texts)} other sentences "
+        f"and `check=` their mean-pooled cosine to the teacher >= {MIN_COS} (a form with int8 "
+        f"activations ships only if it passes and is >5% faster than the exact choice; forms "
+        f"slower than that are not checked). cal. error: 1 - mean per-sentence cosine of the "
+        f"form's token outputs to the exact form's on the calibration sentences (the "
+        f"`tolerance` measure; with a `check` it is not applied by default), and whether the "
+        f"form passed the check.\n\n" + table(rows, cols)
     )
     print(body)
     if not args.no_write:

@@ -220,9 +220,15 @@ class _Graph:
     """Mutable view of an ONNX graph: new initializers and nodes, unique names."""
 
     def __init__(
-        self, proto: onnx.ModelProto, accuracy_level: int = 0, nbits_max: int = NBITS_MAX
+        self,
+        proto: onnx.ModelProto,
+        accuracy_level: int = 0,
+        nbits_max: int = NBITS_MAX,
+        token8: bool = False,
     ) -> None:
         self.proto = proto
+        self.token8 = token8
+        self.token_inputs: dict[str, tuple[str, ...]] = {}
         self.accuracy_level = accuracy_level
         self.nbits_max = nbits_max
         self.g = proto.graph
@@ -418,6 +424,7 @@ def lowbit_form(
     *,
     accuracy_level: int = 0,
     nbits_max: int = NBITS_MAX,
+    token8: bool = False,
 ) -> tuple[onnx.ModelProto | None, Conversion]:
     """``proto`` with every recorded weight stored as its codes (see the module docstring).
 
@@ -430,7 +437,9 @@ def lowbit_form(
     Runtime's int8 dot-product kernels (:data:`ACCURACY_LEVELS`; faster, not exact: the
     ``lowbit_int8`` form). ``nbits_max``: the widest codes run by ``MatMulNBits`` (4, or 8 to
     run 5..8-bit Linear weights through its 8-bit kernel, which is only fast with
-    ``accuracy_level=4``); wider ones are decoded at load (:func:`_decoded_int8`).
+    ``accuracy_level=4``); wider ones are decoded at load (:func:`_decoded_int8`). ``token8``:
+    uniform per-channel Linear weights run as int8 ``MatMulInteger`` on activations quantized
+    to uint8 per token (:mod:`autocompress.deploy._token8`; the ``int8_token`` form, not exact).
 
     Example:
         >>> import torch
@@ -450,7 +459,7 @@ def lowbit_form(
     index, conv = coded_weights(model)
     if not index:
         return None, conv
-    gr = _Graph(proto, accuracy_level, nbits_max)
+    gr = _Graph(proto, accuracy_level, nbits_max, token8)
     new_nodes: list[onnx.NodeProto] = []
     for node in list(gr.g.node):
         made = None
@@ -545,7 +554,11 @@ def _convert(
             raise _refuse(c, "a Gemm with alpha, beta or transA is left as it is")
         bias = node.input[2] if op == "Gemm" and len(node.input) > 2 else ""
         out = gr.fresh(f"{tag}_mm") if bias else node.output[0]
-        if c.codebook is None:
+        from autocompress.deploy._token8 import matmul_token8, token8_eligible
+
+        if gr.token8 and token8_eligible(c):
+            nodes, how = matmul_token8(gr, c, node.input[0], out, tag)
+        elif c.codebook is None:
             try:
                 nodes, how = _matmul_nbits(gr, c, node.input[0], out, tag)
             except _Refused as e:

@@ -29,7 +29,7 @@ from torch import nn
 
 from autocompress.artifacts._io import atomic_write
 from autocompress.deploy._export import ATOL, RTOL, export_fp32, set_form
-from autocompress.deploy._fidelity import TOLERANCE, Fidelity, as_batches, is_exact
+from autocompress.deploy._fidelity import Fidelity, as_batches, is_exact
 from autocompress.deploy._int8 import int8_form
 from autocompress.deploy._latency import measure_latency
 from autocompress.deploy._lowbit import lowbit_form
@@ -39,7 +39,7 @@ from autocompress.errors import AutocompressError
 from autocompress.tasks._batch import Inputs, batch_len
 
 INT8_CHOICES = ("auto", True, False)
-FORMS = ("fp32", "int8", "lowbit", "lowbit_int8")
+FORMS = ("fp32", "int8", "lowbit", "lowbit_int8", "int8_token")
 # A form must beat the reference form by this factor to be chosen: on a tie, keep the exact one.
 _MARGIN = 0.95
 SIZE_SLACK = 1.25
@@ -129,6 +129,9 @@ def deploy_forms(
         fast, conv = _lowbit(_copy(fp32), model, accuracy_level=4, nbits_max=8)
         if fast is not None and any(v.startswith("MatMulNBits") for v in conv.done.values()):
             out["lowbit_int8"] = set_form(fast, "lowbit_int8").SerializeToString()
+        tok, conv = _lowbit(_copy(fp32), model, token8=True)
+        if tok is not None and any(v.startswith("MatMulInteger") for v in conv.done.values()):
+            out["int8_token"] = set_form(tok, "int8_token").SerializeToString()
     if lowbit:
         low, conv = _lowbit(_copy(fp32), model)
         for name, why in conv.kept.items():
@@ -282,7 +285,7 @@ def to_onnx(
     output: str | int | None = None,
     form: str | None = None,
     calibration: Any = None,
-    tolerance: float = TOLERANCE,
+    tolerance: float | None = None,
     check: Callable[[OnnxModel], bool] | None = None,
 ) -> Path:
     """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
@@ -321,10 +324,11 @@ def to_onnx(
             called) on which ``"auto"`` checks the forms with int8 activations; use data the
             model will see (e.g. validation inputs), not the test split.
         tolerance: largest ``1 - mean cosine`` between each example's outputs in such a form
-            and in the exact form on ``calibration`` (default 1e-3).
-        check: optional ``check(onnx_model) -> bool`` a form with int8 activations must also
-            pass (e.g. the task metric on validation data against a constraint); it needs
-            ``calibration``.
+            and in the exact form on ``calibration``; default 1e-3 without ``check``, not
+            applied with one (unless given).
+        check: optional ``check(onnx_model) -> bool`` a form with int8 activations must pass
+            (e.g. the task metric on validation data against a constraint: what the search
+            does); it needs ``calibration``.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
@@ -367,7 +371,7 @@ def onnx_form(
     output: str | int | None = None,
     form: str | None = None,
     calibration: Any = None,
-    tolerance: float = TOLERANCE,
+    tolerance: float | None = None,
     check: Callable[[OnnxModel], bool] | None = None,
 ) -> bytes:
     """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
@@ -387,12 +391,12 @@ def onnx_form(
     elif check is not None:
         raise AutocompressError("check needs calibration batches too: pass calibration=...")
     else:
-        Fidelity([], tolerance)  # validates the tolerance
+        Fidelity([None], tolerance)  # validates the tolerance
     if form is not None:
         forms = deploy_forms(
             model,
             example_input,
-            int8=form in ("int8", "lowbit_int8"),
+            int8=form in ("int8", "lowbit_int8", "int8_token"),
             output=output,
             lowbit=form == "lowbit",
         )
