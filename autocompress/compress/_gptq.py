@@ -3,15 +3,15 @@
 Frantar, Ashkboos, Hoefler & Alistarh, *GPTQ: Accurate Post-Training Quantization for Generative
 Pre-trained Transformers* (ICLR 2023, arXiv:2210.17323). For a layer ``y = W x`` and calibration
 inputs ``X``, GPTQ minimizes ``||W X - Q X||^2`` over the quantization grid: with the Hessian
-``H = 2 X^T X`` (damped by 1% of its mean diagonal) and the upper Cholesky factor ``U`` of
-``H^-1``, columns are quantized one at a time and each column's error ``(w - q) / U[j, j]``
-is propagated to the columns not yet quantized (lazy batch updates over blocks of 128
-columns). By default (:data:`ACT_ORDER`) the columns go in decreasing ``diag(H)`` order (the
-paper's "act-order": most active inputs first) with *static* scales: per channel, or per
-group of consecutive input weights, all from the weights before any update, so groups keep
-the ONNX block layout. With ``act_order=False`` columns go in input order and a group's scale
-is chosen from the updated weights when its first column is reached. Pruned weights (the mask of the
-parametrization) stay exactly zero: they are "quantized" to 0, so their pruning error is
+``H = 2 X^T X`` (damped by :data:`DAMP` of its mean diagonal; the paper uses 1%) and the upper
+Cholesky factor ``U`` of ``H^-1``, columns are quantized one at a time and each column's error
+``(w - q) / U[j, j]`` is propagated to the columns not yet quantized (lazy batch updates over
+blocks of 128 columns). By default (:data:`ACT_ORDER`) the columns go in decreasing ``diag(H)``
+order (the paper's "act-order": most active inputs first) with *static* scales: per channel, or
+per group of consecutive input weights, all from the weights before any update, so groups keep
+the ONNX block layout. With ``act_order=False`` columns go in input order and a group's scale is
+chosen from the updated weights when its first column is reached. Pruned weights (the mask of
+the parametrization) stay exactly zero: they are "quantized" to 0, so their pruning error is
 compensated by the columns after them, as SparseGPT does with a fixed mask (Frantar & Alistarh,
 2023).
 
@@ -60,8 +60,13 @@ from autocompress.tasks._batch import Inputs, batch_len, call_model, take, to_de
 
 CALIBRATION_SAMPLES = 256
 """Train examples GPTQ reads per plan (a few hundred is what the paper's accuracy needs)."""
-DAMP = 0.01
-"""Damping added to the Hessian's diagonal, as a fraction of its mean (the paper's 1%)."""
+DAMP = 0.1
+"""Damping added to the Hessian's diagonal, as a fraction of its mean. The paper's 1% fits its
+calibration sets of 128 x 2048 tokens; a few hundred sentences (~4k tokens) give a noisier
+Hessian that more damping regularizes: on MiniLM's feed-forward input projections (4-bit,
+group 128, 256 calibration sentences, alone) the val cosine drop is 0.0097 / 0.0100 / 0.0082 /
+0.0082 / 0.0099 at damping 0.001 / 0.01 / 0.1 / 0.3 / 1 (with 1024 sentences: 0.0063 at 0.01,
+0.0061 at 0.1)."""
 BLOCK = 128
 """Columns per lazy batch update."""
 ACT_ORDER = True
