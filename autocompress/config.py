@@ -155,6 +155,10 @@ class FinetuneConfig(_Strict):
     max_steps: int = _ft("max_steps")
     max_seconds: float = _ft("max_seconds")
     amp: bool = _ft("amp")
+    distill: Literal["output", "hidden"] = _ft("distill")
+    hidden_weight: float = _ft("hidden_weight")
+    dropout: bool = _ft("dropout")
+    warmup: float = _ft("warmup")
 
 
 class ObjectiveConfig(_Strict):

@@ -49,11 +49,14 @@ class Bound:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    choices: tuple[str, ...] = ()
 
     def allows(self, v: Any) -> bool:
         """True if ``v`` has the right type and lies within the bounds."""
         if self.kind is bool:
             return isinstance(v, bool)
+        if self.kind is str:
+            return isinstance(v, str) and v in self.choices
         if isinstance(v, bool) or not isinstance(v, int if self.kind is int else int | float):
             return False
         return (
@@ -67,6 +70,8 @@ class Bound:
         """What is allowed, for the one-line error."""
         if self.kind is bool:
             return "true or false"
+        if self.kind is str:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
         what = "an integer" if self.kind is int else "a finite number"
         parts = [f">= {self.ge:g}" if self.ge is not None else ""]
         parts += [f"> {self.gt:g}" if self.gt is not None else ""]
@@ -92,6 +97,10 @@ FINETUNE_BOUNDS: dict[str, Bound] = {
     "max_steps": Bound(int, ge=0),
     "max_seconds": Bound(float, ge=0),
     "amp": Bound(bool),
+    "distill": Bound(str, choices=("output", "hidden")),
+    "hidden_weight": Bound(float, ge=0),
+    "dropout": Bound(bool),
+    "warmup": Bound(float, ge=0, le=0.5),
 }
 """The one source of truth for fine-tune settings' rules (one :class:`Bound` per field)."""
 
@@ -157,6 +166,22 @@ class FinetuneSettings:
             every step without a device sync.
         amp: on CUDA, run forward passes under autocast (bf16 where supported, else fp16 with a
             gradient scaler); ignored on the CPU.
+        distill: what the student learns from the teacher. ``"output"``: the task output only
+            (:func:`~autocompress.compress._finetune.distill_loss`). ``"hidden"``: also each
+            transformer block's hidden states (and the embeddings feeding the first block),
+            as TinyBERT/MiniLM distillation does: a normalized MSE per block, masked by the
+            batch's ``attention_mask`` (``compress._finetune.hidden_loss``). The teacher then
+            runs on every training batch. Needs a model with a stack of repeated blocks
+            (an ``nn.ModuleList`` of layers) and a student whose blocks keep the teacher's
+            hidden size.
+        hidden_weight: weight of the hidden-state term of ``distill="hidden"``.
+        dropout: ``False`` fine-tunes the student in eval mode: no dropout (and BatchNorm
+            statistics frozen), as when a pretrained model is distilled into its compressed
+            self and dropout noise would only hide the quantization error.
+        warmup: fraction of the planned optimizer steps with a linear learning-rate warmup;
+            any ``warmup > 0`` also makes the learning rate follow a cosine per step over the
+            planned steps (``max_steps``, else ``epochs`` times the steps of an epoch) instead
+            of the default cosine per epoch, which a ``max_steps`` budget cuts short.
 
     Plans saved before a field existed still load: a missing key takes its default.
     """
@@ -172,6 +197,10 @@ class FinetuneSettings:
     max_steps: int = 0
     max_seconds: float = 0.0
     amp: bool = True
+    distill: str = "output"
+    hidden_weight: float = 1.0
+    dropout: bool = True
+    warmup: float = 0.0
 
     def __post_init__(self) -> None:
         for name, bound in FINETUNE_BOUNDS.items():
