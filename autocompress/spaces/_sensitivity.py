@@ -227,18 +227,30 @@ def _short(knobs: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- measuring
-def _calibration(task: Task, split: str, examples: int) -> list[tuple[Any, Any]]:
-    """The first ``examples`` examples of ``split`` as (inputs, targets) batches."""
-    from autocompress.tasks._batch import batch_len, take
+def _calibration(task: Task, split: str, examples: int, skip: int = 0) -> list[tuple[Any, Any]]:
+    """``examples`` examples of ``split`` after its first ``skip`` (the first ``examples`` when
+    the split is too short to skip them) as (inputs, targets) batches."""
+    from autocompress.tasks._batch import batch_len, select, take
 
-    out, have = [], 0
+    out, have, seen = [], 0, 0
     bs = max(1, min(examples, task.eval_batch_size))
     for inputs, y in task.batches(split, bs):
-        k = min(batch_len(inputs), examples - have)
+        n = batch_len(inputs)
+        if seen + n <= skip:
+            seen += n
+            continue
+        lo = max(0, skip - seen)
+        seen += n
+        if lo:
+            inputs = select(inputs, slice(lo, None))
+            y = y[lo:] if isinstance(y, torch.Tensor) else y
+        k = min(n - lo, examples - have)
         out.append((take(inputs, k), y[:k] if isinstance(y, torch.Tensor) else y))
         have += k
         if have >= examples:
             break
+    if not out and skip:
+        return _calibration(task, split, examples)
     if not out:
         raise PlanError(f"task {task.name!r}: the {split} split yielded no example")
     return out
@@ -376,7 +388,8 @@ def sensitivity(
             Hessian of the *teacher's* layer on the task's calibration examples (collected once,
             ``compress._gptq.calibration_inputs``), and every other uniform weight (embeddings)
             the clipped scales a GPTQ plan gives it (``compress._quant.clipped_scale``): what a
-            ``calibration="gptq"`` trial stores, layer by layer.
+            ``calibration="gptq"`` trial stores, layer by layer. Scores then come from the
+            train examples after GPTQ's calibration examples (held out from what GPTQ fits).
 
     Cost: one post-training ``compress.apply`` and one forward pass over ``examples`` examples
     per unit and setting; on a 22.7M-parameter MiniLM this is a small multiple of one trial
@@ -405,6 +418,7 @@ def sensitivity(
     }
     if calibration != "none":  # only then: caches measured before the option keep their key
         desc["calibration"] = calibration
+        desc["skip"] = _gptq_samples() if split == "train" else 0
     key = _cache_key(space, _state_hash(teacher), task, desc)
     path = Path(run_dir) / "sensitivity" / f"{key}.json" if run_dir is not None else None
     if path is not None and path.is_file():
@@ -415,7 +429,9 @@ def sensitivity(
                 return cached
         except (PlanError, ValueError, TypeError, KeyError):
             log.warning("ignoring unreadable sensitivity cache %s", path)
-    calib = _calibration(task, split, examples)
+    # GPTQ calibrates on the first train examples: measure on the ones after them
+    skip = _gptq_samples() if calibration == "gptq" and split == "train" else 0
+    calib = _calibration(task, split, examples, skip)
     y = _targets(calib)
     ref = _outputs(teacher, task, calib)
     teacher_score = _score(task, ref, y, ref)
@@ -631,6 +647,12 @@ def _batch_y(c: tuple[Any, Any]) -> range:
     from autocompress.tasks._batch import batch_len
 
     return range(batch_len(c[0]))
+
+
+def _gptq_samples() -> int:
+    from autocompress.compress._gptq import CALIBRATION_SAMPLES
+
+    return CALIBRATION_SAMPLES
 
 
 def _search_numel() -> int:

@@ -240,3 +240,17 @@ def test_fine_tuned_spaces_open_with_smaller_plans() -> None:
     small = [min(sens.estimate(p) for p in sensitivity_plans(task, s, 0.002, sens=sens, hand=False))
              for s in (post, tuned)]  # fmt: skip
     assert small[1] < small[0]
+
+
+def test_calibration_subset_skips_what_gptq_fits() -> None:
+    from autocompress.spaces._sensitivity import _calibration
+
+    task = _task()
+    x = torch.cat([inputs for inputs, _ in task.batches("train", 64)])
+    for skip in (0, 5, 40):
+        got = torch.cat([inputs for inputs, _ in _calibration(task, "train", 16, skip)])
+        assert torch.equal(got, x[skip : skip + 16])
+    tail = torch.cat([inputs for inputs, _ in _calibration(task, "train", 16, 60)])
+    assert torch.equal(tail, x[60:])  # what is left after the skip
+    short = torch.cat([inputs for inputs, _ in _calibration(task, "train", 16, 500)])
+    assert torch.equal(short, x[:16])  # nothing left: the first examples
