@@ -16,12 +16,16 @@ Random-initialized Hugging Face BERTs built from configs (no download): BERT-bas
    ``timing`` record split into the time from the trial's start to its first fine-tune step
    (shipping the task, the teacher's train outputs, compression), the fine-tune, and the time
    from the fine-tune's end to the record (export, evaluation, the rest); and the peak resident
-   memory of every worker process against the model's fp32 size.
+   memory of every worker process against the model's fp32 size, with its peak proportional
+   (PSS) and private (USS) memory from ``/proc/<pid>/smaps_rollup`` (shared library pages
+   and Ray's object-store mapping of the task are counted in the resident set, not in the
+   private column).
 3. **CUDA.** With a GPU, the 23M search runs again with ``device="cuda"``; without one the
    table says it was skipped and why.
 
     python benchmarks/scale.py              # everything, writes docs/benchmarks.md
     python benchmarks/scale.py --quick      # the 23M model's artifact rows only, writes nothing
+    python benchmarks/scale.py --no-search --print-only   # both models' artifact rows, printed
 """
 
 from __future__ import annotations
@@ -80,7 +84,17 @@ TRIAL_COLUMNS = [
     "framework s",
     "framework share",
 ]
-MEMORY_COLUMNS = ["model", "worker", "trials", "peak RSS MB", "fp32 model MB", "peak / fp32"]
+MEMORY_COLUMNS = [
+    "model",
+    "worker",
+    "trials",
+    "peak RSS MB",
+    "peak PSS MB",
+    "peak private MB",
+    "fp32 model MB",
+    "peak / fp32",
+    "private / fp32",
+]
 
 
 def configs() -> dict[str, object]:
@@ -174,16 +188,83 @@ def io_rows(models: list[str], repeats: dict[str, int]) -> list[dict]:
     return rows
 
 
+def smaps_rollup(pid: int) -> dict[str, int] | None:
+    """``Rss``, ``Pss`` and ``Private`` (clean + dirty) bytes of ``pid`` from
+    ``/proc/<pid>/smaps_rollup``, or None if it is gone (or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            kb = {ln.split()[0].rstrip(":"): int(ln.split()[1]) for ln in f if ln.endswith("kB\n")}
+    except (OSError, ValueError, IndexError):
+        return None
+    private = kb.get("Private_Clean", 0) + kb.get("Private_Dirty", 0)
+    return {
+        "Rss": kb.get("Rss", 0) * 1024,
+        "Pss": kb.get("Pss", 0) * 1024,
+        "Private": private * 1024,
+    }
+
+
+class PrivatePeak:
+    """Peak ``Pss`` and private bytes of a process and its descendants, sampled from
+    ``/proc/<pid>/smaps_rollup`` every ``every`` seconds while the search runs.
+
+    A worker's resident set counts pages it shares: the libraries' code (torch, Ray, pyarrow)
+    and Ray's object store, which the worker maps to read the task. ``Pss`` splits each shared
+    page among its users; *private* (USS) counts only the pages no other process maps: what
+    the worker itself costs. Unlike ``VmHWM`` these are samples, so a spike shorter than
+    ``every`` can be missed.
+    """
+
+    def __init__(self, root: int, every: float = 0.5) -> None:
+        import threading
+
+        self.root, self.every = root, every
+        self.pss: dict[int, int] = {}
+        self.private: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="private-peak")
+        self._thread.start()
+
+    def _run(self) -> None:
+        from scale_search import _descendants
+
+        while not self._stop.wait(self.every):
+            for pid in {self.root} | _descendants(self.root):
+                r = smaps_rollup(pid)
+                if r is not None:
+                    self.pss[pid] = max(self.pss.get(pid, 0), r["Pss"])
+                    self.private[pid] = max(self.private.get(pid, 0), r["Private"])
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def search_run(model: str, trials: int, steps: int, workers: int, device: str = "cpu") -> dict:
-    """``scale_search.py`` in a subprocess (its own driver, so its peak memory is its own)."""
+    """``scale_search.py`` in a subprocess (its own driver, so its peak memory is its own),
+    with :class:`PrivatePeak` sampling its processes; ``run["private"]`` maps the worker pids
+    (and ``"driver"``) to their peak ``Pss`` / private bytes."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "run.json"
         cmd = [sys.executable, str(HERE / "scale_search.py"), "--model", model]
         cmd += ["--trials", str(trials), "--workers", str(workers), "--steps", str(steps)]
         cmd += ["--device", device, "--json", str(out), "--run-dir", d]
         print("$", " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True)
-        return json.loads(out.read_text())
+        proc = subprocess.Popen(cmd)
+        peaks = PrivatePeak(proc.pid)
+        try:
+            code = proc.wait()
+        finally:
+            peaks.stop()
+        if code:
+            raise subprocess.CalledProcessError(code, cmd)
+        run = json.loads(out.read_text())
+        run["private"] = {
+            str(pid): {"pss": peaks.pss[pid], "private": peaks.private[pid]} for pid in peaks.pss
+        }
+        if proc.pid in peaks.pss:
+            run["private"]["driver"] = run["private"][str(proc.pid)]
+        return run
 
 
 def trial_row(run: dict, label: str) -> dict:
@@ -209,17 +290,23 @@ def trial_row(run: dict, label: str) -> dict:
 
 def memory_rows(run: dict, label: str) -> list[dict]:
     fp32 = run["fp32_bytes"]
-    return [
-        {
-            "model": label,
-            "worker": m["worker pid"],
-            "trials": m["trials"],
-            "peak RSS MB": m["peak RSS MB"],
-            "fp32 model MB": f"{fp32 / 1e6:.0f}",
-            "peak / fp32": m["peak / fp32 model"],
-        }
-        for m in run["memory"]
-    ]
+    rows = []
+    for m in run["memory"]:
+        p = run.get("private", {}).get(str(m["worker pid"]))
+        rows.append(
+            {
+                "model": label,
+                "worker": m["worker pid"],
+                "trials": m["trials"],
+                "peak RSS MB": m["peak RSS MB"],
+                "peak PSS MB": f"{p['pss'] / 1e6:.0f}" if p else "-",
+                "peak private MB": f"{p['private'] / 1e6:.0f}" if p else "-",
+                "fp32 model MB": f"{fp32 / 1e6:.0f}",
+                "peak / fp32": m["peak / fp32 model"],
+                "private / fp32": f"{p['private'] / fp32:.1f}x" if p else "-",
+            }
+        )
+    return rows
 
 
 NO_GPU = "skipped: no GPU (torch.cuda.is_available() is False)"
@@ -238,12 +325,13 @@ def main() -> None:
         "--large-workers", type=int, default=1, help="workers of the 110M search (memory)"
     )
     ap.add_argument("--no-search", action="store_true", help="artifact rows only")
+    ap.add_argument("--print-only", action="store_true", help="print the tables, write nothing")
     args = ap.parse_args()
     load_avg = os.getloadavg()[0]
     models = [SMALL] if args.quick else [SMALL, LARGE]
     io = io_rows(models, {SMALL: args.repeats_small, LARGE: args.repeats})
     print(table(io, IO_COLUMNS))
-    if args.quick:
+    if args.quick or (args.print_only and args.no_search):
         return
     trials, memory = [], []
     if not args.no_search:
@@ -311,8 +399,20 @@ def main() -> None:
             "and `imports only` a fresh Python that imports torch, transformers, Ray and "
             "autocompress (the floor under every worker). A worker holds the task (teacher + "
             "data), the student being compressed, its fine-tune state (gradients, Adam's two "
-            "moments) and the export's buffers.\n\n" + table(memory, MEMORY_COLUMNS)
+            "moments) and the export's buffers. A resident set also counts pages the worker "
+            "shares with other processes: the libraries' code (~185 MB of torch, Ray, pyarrow...) "
+            "and Ray's object store, which a worker maps to read the task (the teacher's "
+            "weights and the data). *PSS* splits each shared page among the processes mapping "
+            "it and *private* counts only the worker's own pages (the peaks of "
+            "`/proc/<pid>/smaps_rollup` sampled every 0.5 s by this script while the search "
+            "ran, so short spikes can be missed): *private* is what each extra worker costs. "
+            "Inside a fine-tune glibc's arenas also keep freed chunks resident (measured "
+            "~200-250 MB at a 22.7M worker's peak, 500-900 MB of free arena after the "
+            "fine-tune); each trial ends with `malloc_trim`, so a worker's next trial does not "
+            "start on top of them.\n\n" + table(memory, MEMORY_COLUMNS)
         )
+    if args.print_only:
+        return
     write_section(
         "scale",
         "Scale: artifact I/O, per-trial time and memory at 23M and 110M parameters",

