@@ -140,6 +140,8 @@ def test_groupwise_records_keep_their_groups(bits: int, group: int) -> None:
     )
     assert how["embeddings.word_embeddings.weight"] == (
         f"GatherBlockQuantized {slot}-bit, block {group} (group {group})"
+        if bits in (4, 8)
+        else f"Gather of a table decoded at load from {bits}-bit packed codes (group {group})"
     )
     # 48 inputs in groups of 32: the last block is partial, as the record's last scale
     _assert_exact(forms["lowbit"], model, zoo_inputs("bert", 4, seed=2))
