@@ -1,6 +1,8 @@
-"""Deployment form and measured cost: ONNX export (fp32 or int8), ONNX Runtime, latency, MACs.
+"""Deployment form and measured cost: ONNX export (fp32, low-bit, int8), ONNX Runtime, latency.
 
-* :func:`to_onnx` writes the deployment form of a (compressed) model; :func:`load_onnx` /
+* :func:`to_onnx` writes the deployment form of a (compressed) model: an exact form (fp32 or
+  the artifact's own low-bit codes) unless calibration data show that a form with int8
+  activations holds fidelity (``calibration=``, ``check=``, ``tolerance=``); :func:`load_onnx` /
   :class:`OnnxModel` run it with ONNX Runtime behind a torch-like call.
 * :func:`measure_latency` times callables interleaved (round robin) and reports median, IQR and
   coefficient of variation; :func:`latency_and_speedup` times a model against its dense teacher
