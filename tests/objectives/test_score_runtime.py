@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import autocompress.objectives._deploy as deploy_metrics
+import autocompress.objectives._runtime as runtime_mod
 from autocompress import ConfigError, Task
 from autocompress.artifacts import export, load, write_metrics
 from autocompress.compress import apply
@@ -93,13 +94,13 @@ def test_a_faster_form_that_breaks_the_constraint_is_not_reported(
     garbage = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
     broken = export_fp32(garbage, torch.randn(2, 32)).SerializeToString()
 
-    def forms(entry, model, task, who):
-        got = real_forms(entry, model, task, who)
+    def forms(entry, model, task, who, approx=False):
+        got = real_forms(entry, model, task, who, approx)
         got["int8"] = broken  # a form that runs but scores badly
         return got
 
     monkeypatch.setattr(deploy_metrics, "_forms", forms)
-    monkeypatch.setattr(deploy_metrics, "_chosen", lambda *a, **k: "int8")
+    monkeypatch.setattr(runtime_mod, "_candidates", lambda *a, **k: ["int8", "lowbit"])
     obj = Objective(
         ["accuracy", "size_bytes"], ["accuracy_drop <= 0.1"], score_runtime="onnxruntime"
     )
