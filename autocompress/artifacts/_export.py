@@ -152,10 +152,11 @@ def export(
         task_spec: the task that rebuilds the architecture on load (``task.spec``).
         metrics: numbers written to ``metrics.json`` (not hashed, not counted).
         onnx_example: a batch of real inputs; when given, the deployment form is also written
-            as ``model.onnx`` (``to_onnx(model, onnx_example, int8="auto")``: the fastest form
-            among those within 1.25x of the smallest file: low-bit (the artifact's own codes),
-            int8 or fp32; see docs/objectives.md), listed and hashed in the manifest but not
-            counted in ``size_bytes`` (its size is the ``onnx_bytes`` metric). Open it with
+            as ``model.onnx`` (``to_onnx(model, onnx_example, int8="auto")``: without
+            calibration data, the fastest *exact* form among those within 1.25x of the smallest
+            file: low-bit (the artifact's own codes) or fp32; see docs/objectives.md), listed
+            and hashed in the manifest but not counted in ``size_bytes`` (its size is the
+            ``onnx_bytes`` metric). Open it with
             ``load(path, runtime="onnxruntime")``.
 
     Example:
