@@ -9,7 +9,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from autocompress.compress._finetune import distill, soft_targets, streamed_train
+from autocompress.compress._finetune import distill, hidden_blocks, soft_targets, streamed_train
 from autocompress.compress._gptq import calibrate, calibration_inputs
 from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import set_quant_records
@@ -103,6 +103,12 @@ def apply(
         raise PlanError(
             f"calibration={plan.calibration!r} needs calibration inputs from a task's train "
             "split: pass task= or use calibration='none'"
+        )
+    ft = plan.finetune
+    if ft.distill == "hidden" and task is not None and ft.epochs > 0 and not hidden_blocks(model):
+        raise PlanError(  # before GPTQ and the rest, which take minutes on big models
+            f"finetune.distill='hidden' needs repeated blocks (a ModuleList of one class) "
+            f"and {type(model).__name__} has none: use distill: output"
         )
     if example_input is None:
         if task is None and (plan.width < 1.0 or plan.head_fraction < 1.0):

@@ -216,3 +216,25 @@ def test_yaml_finetune_options_reach_the_plan() -> None:
     ft = FinetuneSettings(**exp.finetune.model_dump())
     assert (ft.distill, ft.hidden_weight, ft.dropout, ft.warmup) == ("hidden", 2.0, False, 0.1)
     assert Plan.from_json(Plan(finetune=ft).to_json()).finetune == ft
+
+
+def test_apply_refuses_hidden_without_blocks_before_calibrating(monkeypatch) -> None:
+    """The refusal comes from `compress.apply` before GPTQ (minutes on big models) runs."""
+    import autocompress.compress._apply as apply_mod
+    from autocompress.errors import PlanError
+    from autocompress.spaces import LayerPlan, Plan
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    task = Task.from_module(mlp, (x, y), (x, y), (x, y))
+    ran: list[str] = []
+    monkeypatch.setattr(apply_mod, "calibrate", lambda *a, **k: ran.append("gptq"))
+    plan = Plan(
+        layers={"0": LayerPlan(bits=4)},
+        finetune=FinetuneSettings(epochs=1, distill="hidden"),
+        calibration="gptq",
+    )
+    with pytest.raises(PlanError, match="use distill: output") as e:
+        apply_mod.apply(mlp, plan, task)
+    assert "\n" not in str(e.value) and ran == []
