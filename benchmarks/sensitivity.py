@@ -275,7 +275,8 @@ def main() -> None:
     body = (
         "Post-training plans (no fine-tune), no sparsity, bits "
         f"{list(BITS)} per knob set on the tiny BERT; on MiniLM bits [3, 4, 5, 6, 8] and "
-        "group-wise scales [0, 32, 128] (as `experiments/minilm.yaml`); objective score (mean "
+        "group-wise scales [0, 32, 128], round to nearest (the knobs `experiments/minilm.yaml` "
+        "had before it searched with GPTQ); objective score (mean "
         "cosine to the teacher's embeddings) vs real bytes, constraint `accuracy_drop <= 0.01`; "
         f"{args.trials} trials per search, 2 workers. `old`: one knob set per layer + the default "
         "uniform warm start; `grouped`: knob sets by role x depth (`spaces.group_by_role`) + the "
