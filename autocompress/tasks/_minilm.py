@@ -78,7 +78,7 @@ class SentenceEncoder(BertModel):
         >>> enc = SentenceEncoder(cfg).eval()
         >>> ids = torch.tensor([[2, 5, 7, 0]])
         >>> out = enc(ids, attention_mask=(ids > 0).long())
-        >>> tuple(out.shape), round(float(out.norm()), 4)
+        >>> tuple(out.shape), round(float(out.detach().norm()), 4)
         ((1, 8), 1.0)
     """
 
