@@ -128,7 +128,8 @@ def apply(
     ft = plan.finetune
     if task is not None and ft.epochs > 0 and device.type != "cpu":
         student = student.to(device)
-        if teacher_outputs is None or streamed_train(task):  # else the teacher is not run
+        # else the teacher is not run (hidden-state distillation runs it on every batch)
+        if teacher_outputs is None or streamed_train(task) or ft.distill == "hidden":
             teacher = copy.deepcopy(teacher).to(device)
     calibrated = False
     if plan.calibration == "gptq":
@@ -149,7 +150,9 @@ def apply(
     ramp_epochs = max(1, round(epochs * ft.ramp)) if sparse and ft.ramp > 0 else 0
     if not calibrated:  # after GPTQ the masks are final (a re-derived one could differ)
         set_sparsity(student, 0.0 if ramp_epochs else 1.0)
-    soft = teacher_outputs if teacher_outputs is not None else soft_targets(teacher, task)
+    soft = teacher_outputs
+    if soft is None and ft.distill != "hidden":  # hidden mode runs the teacher per batch
+        soft = soft_targets(teacher, task)
     first = distill(
         student,
         teacher,

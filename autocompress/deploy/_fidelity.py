@@ -114,13 +114,13 @@ class Fidelity:
     _reference: list[Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.check is not None and not callable(self.check):
+            raise AutocompressError("check must be a function check(onnx_model) -> bool")
         t = self.tolerance
         if t is None:
             return
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 2:
             raise AutocompressError(f"tolerance={t!r} must be a number in [0, 2] (1 - cosine)")
-        if self.check is not None and not callable(self.check):
-            raise AutocompressError("check must be a function check(onnx_model) -> bool")
 
     def outputs(self, model: Any) -> list[Any]:
         """``model``'s outputs (numpy) on every calibration batch."""

@@ -226,3 +226,13 @@ def test_odd_bit_embedding_packed_densely(bits: int, group: int, tmp_path: Path)
     got = OnnxModel(data).run_numpy(**as_numpy(x))[0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)
     assert len(data) <= SLACK * export(q, plan, tmp_path / "a").size_bytes
+
+
+def test_a_check_that_is_not_a_function_is_refused_up_front() -> None:
+    """Refused when the settings are made (before forms are built and timed), with or
+    without a tolerance."""
+    batch = [torch.randn(2, 4)]
+    for tol in (None, 1e-3):
+        with pytest.raises(AutocompressError, match="check must be a function") as e:
+            Fidelity(batch, tolerance=tol, check=0.99)  # type: ignore[arg-type]
+        assert "\n" not in str(e.value)
