@@ -106,9 +106,15 @@ def _malloc_trim() -> Any:
         return None
 
 
-def release_freed_memory() -> bool:
-    """Collect garbage, then hand the C heap's free pages back to the OS (glibc's
-    ``malloc_trim(0)``); False where there is no ``malloc_trim`` (nothing else to do there).
+FULL_RELEASE_AFTER_S = 10.0
+"""A trial this long is followed by a full garbage collection before the trim (a collection
+costs ~0.1-0.2 s in a worker that imported torch + transformers: per-trial overhead on quick
+trials, noise on long ones, which are the ones that hold big models)."""
+
+
+def release_freed_memory(collect: bool = True) -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's ``malloc_trim(0)``, microseconds),
+    after a full garbage collection when ``collect``; False where there is no ``malloc_trim``.
 
     glibc keeps freed chunks in its arenas: a worker's resident memory otherwise holds the
     high-water mark of every earlier phase (task deserialization, teacher outputs, the last
@@ -123,7 +129,8 @@ def release_freed_memory() -> bool:
         >>> release_freed_memory() in (True, False)
         True
     """
-    gc.collect()
+    if collect:
+        gc.collect()
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -559,7 +566,8 @@ def guarded_evaluate(
     finally:
         if watchdog is not None:
             watchdog.done.set()
-        release_freed_memory()  # this trial's model, optimizer state and export buffers
+        # this trial's model, optimizer state and export buffers
+        release_freed_memory(collect=time.monotonic() - t0 >= FULL_RELEASE_AFTER_S)
     return {**rec, **extra}
 
 
