@@ -83,6 +83,9 @@ class KnobsConfig(_Strict):
     heads: Range | None = _KNOBS.heads
     groups: list[int] = list(_KNOBS.groups)
     calibration: list[str] = list(_KNOBS.calibration)
+    hot_rows: Range | None = _KNOBS.hot_rows
+    hot_rows_step: float = _step("hot_rows_step")
+    hot_bits: list[int] = list(_KNOBS.hot_bits)
 
     @field_validator(*_RANGED, mode="before")
     @classmethod
@@ -95,6 +98,15 @@ class KnobsConfig(_Strict):
         bad = [b for b in v if b not in ALLOWED_BITS]
         if bad or not v:
             raise ValueError(f"bits {bad or v} not allowed; choose from {list(ALLOWED_BITS)}")
+        return v
+
+    @field_validator("hot_bits")
+    @classmethod
+    def _hot_bits(cls, v: list[int]) -> list[int]:
+        ok = KNOBS["hot_bits"].choices or ()
+        bad = [b for b in v if b not in ok]
+        if bad or not v:
+            raise ValueError(f"hot_bits {bad or v} not allowed; choose from {list(ok)}")
         return v
 
     @field_validator("groups")
@@ -122,6 +134,8 @@ class LayerPin(_Strict):
     scheme: Literal["uniform", "codebook"] = KNOBS["scheme"].default
     rank_ratio: float = KNOBS["rank_ratio"].default
     group: int = KNOBS["group"].default
+    hot_rows: float = KNOBS["hot_rows"].default
+    hot_bits: int = KNOBS["hot_bits"].default
 
 
 class SpaceConfig(_Strict):

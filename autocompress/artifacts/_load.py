@@ -33,7 +33,7 @@ def _is_structural(plan: Plan) -> bool:
     return (
         plan.width != 1.0
         or plan.head_fraction != 1.0
-        or any(lp.rank_ratio != 1.0 for lp in plan.layers.values())
+        or any(lp.rank_ratio != 1.0 or lp.hot_rows > 0 for lp in plan.layers.values())
     )
 
 

@@ -20,6 +20,7 @@ from autocompress.compress._quant import (
     has_pending_codebooks,
     set_sparsity,
 )
+from autocompress.compress._tiers import COUNT_SAMPLES, row_counts, split_tables, tiered_layers
 from autocompress.compress._width import shrink_width
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import discover_layers
@@ -42,10 +43,23 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             raise PlanError(
                 f"layer {name!r} cannot be factorized ({layers[name].note}): use rank_ratio 1.0"
             )
+        if lp.hot_rows > 0:
+            from autocompress.spaces._knobs import KNOBS
+
+            why = KNOBS["hot_rows"].offered(layers[name])
+            if why is not None:
+                raise PlanError(f"layer {name!r} cannot use hot_rows ({why}): use hot_rows=0")
 
 
-def restructure(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Module:
-    """A copy of ``model`` with the plan's structural steps only: width shrink, then low-rank.
+def restructure(
+    model: nn.Module,
+    plan: Plan,
+    example_input: Inputs,
+    row_counts: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """A copy of ``model`` with the plan's structural steps only: width shrink, low-rank, then
+    the hot/cold split of embedding tables (``hot_rows``; ``row_counts`` ranks their rows,
+    see ``compress._tiers``).
 
     Shapes depend only on the architecture and the plan, so the artifact loader calls this on an
     untrained architecture to rebuild a compressed model's shapes before loading its weights.
@@ -55,6 +69,9 @@ def restructure(model: nn.Module, plan: Plan, example_input: Inputs) -> nn.Modul
     ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
     if ratios:
         model = factorize(model, ratios)
+    tiers = tiered_layers(plan)
+    if tiers:  # model is a copy by now (shrink_width copies)
+        split_tables(model, tiers, row_counts)
     set_quant_records(model, {})
     return model
 
@@ -116,8 +133,15 @@ def apply(
                 "width or heads < 1 needs an example input: pass task= or example_input="
             )
         example_input = task.example_input() if task is not None else None
+    tiers = tiered_layers(plan)
+    if tiers and task is None:
+        raise PlanError(
+            f"hot_rows on {sorted(tiers)} ranks rows by their use in a task's train split: "
+            "pass task= or use hot_rows=0"
+        )
+    counts = row_counts(model, tiers, calibration_inputs(task, COUNT_SAMPLES)) if tiers else None
     teacher = (teacher if teacher is not None else model).eval()
-    student = restructure(model, plan, example_input) if example_input is not None else None
+    student = restructure(model, plan, example_input, counts) if example_input is not None else None
     if student is None:  # width == 1 and no example input: factorize only
         ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
         student = factorize(copy.deepcopy(model), ratios) if ratios else copy.deepcopy(model)

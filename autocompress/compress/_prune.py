@@ -67,6 +67,13 @@ def weight_targets(model: nn.Module, name: str, index: Holders | None = None) ->
     except AttributeError:
         mod = None
     if mod is not None:
+        from autocompress.compress._tiers import TieredEmbedding
+
+        if isinstance(mod, TieredEmbedding):  # hot rows, then cold rows (compress._tiers)
+            return [
+                _target(index, f"{name}.{part}", getattr(mod, part), "weight", f"{name}.{part}")
+                for part in ("hot", "cold")
+            ]
         if (
             isinstance(mod, nn.Sequential)
             and len(mod) > 0
@@ -94,8 +101,9 @@ def plan_targets(model: nn.Module, plan: Plan) -> list[tuple[WeightTarget, Layer
     """
     index = param_holders(model)
     out: dict[int, tuple[str, WeightTarget, LayerPlan]] = {}
-    for name, lp in plan.layers.items():
+    for name, lp0 in plan.layers.items():
         for t in weight_targets(model, name, index):
+            lp = _tier_plan(lp0, t.key, name)
             prev = out.get(id(t.param))
             if prev is None:
                 out[id(t.param)] = (name, t, lp)
@@ -105,6 +113,19 @@ def plan_targets(model: nn.Module, plan: Plan) -> list[tuple[WeightTarget, Layer
                     f"them different knobs: give both the same knobs or name only {prev[0]!r}"
                 )
     return [(t, lp) for _, t, lp in out.values()]
+
+
+def _tier_plan(lp: LayerPlan, key: str, name: str) -> LayerPlan:
+    """The knobs of one table of a split embedding (``hot_rows``): the hot table at
+    ``hot_bits``, the cold one at ``bits``; any other weight keeps ``lp``."""
+    if lp.hot_rows <= 0 or key == name:
+        return lp
+    from dataclasses import replace
+
+    if key == f"{name}.hot":
+        group = lp.group if lp.hot_bits <= 8 else 0
+        return replace(lp, bits=lp.hot_bits, group=group, hot_rows=0.0, hot_bits=8)
+    return replace(lp, hot_rows=0.0, hot_bits=8)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:

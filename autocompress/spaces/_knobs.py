@@ -225,12 +225,33 @@ def _sample_calibration(trial: Any, name: str, ctx: SampleContext) -> str:
     return str(choices[0])
 
 
+def _sample_hot_rows(trial: Any, name: str, ctx: SampleContext) -> float:
+    r, v = ctx.knobs.hot_rows, ctx.values
+    if r is None or r[1] <= 0 or v["bits"] > 8 or v["scheme"] != "uniform":
+        return 0.0  # tiers split uniform low-bit tables only
+    if v.get("rank_ratio", 1.0) < 1.0 or not any(b > v["bits"] for b in ctx.knobs.hot_bits):
+        return 0.0
+    return min(round(trial.suggest_float(name, *r, step=ctx.knobs.hot_rows_step), 6), 0.99)
+
+
+def _sample_hot_bits(trial: Any, name: str, ctx: SampleContext) -> int:
+    v = ctx.values
+    wider = [b for b in ctx.knobs.hot_bits if b > v["bits"]]
+    if v.get("hot_rows", 0.0) <= 0 or not wider:
+        return int(KNOBS["hot_bits"].default)
+    if len(wider) > 1:
+        return int(trial.suggest_categorical(name, wider))
+    return int(wider[0])
+
+
 def layer_conflict(values: Mapping[str, Any]) -> str | None:
     """The one-line error when a layer's knobs contradict each other, else ``None``.
 
     Example:
         >>> layer_conflict({"group": 32, "bits": 16, "scheme": "uniform"})
         "group=32 needs scheme 'uniform' and bits <= 8 (got 'uniform', 16 bits): use group=0"
+        >>> layer_conflict({"bits": 2, "scheme": "uniform", "hot_rows": 0.1, "hot_bits": 2})
+        'hot_rows=0.1 needs hot_bits > bits (got hot_bits=2, bits=2): e.g. bits=2, hot_bits=4'
     """
     g, bits, scheme = values.get("group", 0), values.get("bits", 32), values.get("scheme")
     if g and (bits > 8 or scheme != "uniform"):
@@ -238,6 +259,31 @@ def layer_conflict(values: Mapping[str, Any]) -> str | None:
             f"group={g} needs scheme 'uniform' and bits <= 8 (got {scheme!r}, {bits} bits): "
             "use group=0"
         )
+    hot, hot_bits = values.get("hot_rows", 0.0), values.get("hot_bits", 8)
+    if hot:
+        if bits > 8 or scheme != "uniform":
+            return (
+                f"hot_rows={hot} needs scheme 'uniform' and bits <= 8 (got {scheme!r}, "
+                f"{bits} bits): use hot_rows=0"
+            )
+        if hot_bits <= bits:
+            return (
+                f"hot_rows={hot} needs hot_bits > bits (got hot_bits={hot_bits}, bits={bits}): "
+                f"e.g. bits={bits}, hot_bits={min(b for b in ALLOWED_BITS if b > bits + 1)}"
+            )
+        if values.get("rank_ratio", 1.0) < 1.0:
+            return f"hot_rows={hot} cannot be combined with rank_ratio < 1: use one of them"
+    return None
+
+
+def _no_tiers(layer: Any) -> str | None:
+    """Why ``layer`` cannot be split into hot and cold rows (``hot_rows``), else ``None``."""
+    if layer.kind != "Embedding":
+        return "hot rows: embedding tables only"
+    if layer.aliases:
+        return "hot rows: the table is tied to another layer"
+    if not layer.shape or layer.shape[0] < 2:
+        return "hot rows: fewer than 2 rows"
     return None
 
 
@@ -324,6 +370,35 @@ register(
 )
 register(
     KnobSpec(
+        "hot_rows",
+        "layer",
+        0.0,
+        "structure",
+        "hot_rows={value!r} is outside [0, 1): use e.g. 0.1 (0 keeps one table)",
+        high_open=True,
+        range_key="hot_rows",
+        step_key="hot_rows_step",
+        sample=_sample_hot_rows,
+        offered=_no_tiers,
+        label="hot rows",
+    )
+)
+register(
+    KnobSpec(
+        "hot_bits",
+        "layer",
+        8,
+        "quantize",
+        "hot_bits={value!r} is not allowed: choose one of " + str(list(ALLOWED_BITS[:-1])),
+        choices=ALLOWED_BITS[:-1],
+        range_key="hot_bits",
+        sample=_sample_hot_bits,
+        offered=_no_tiers,
+        identity=False,
+    )
+)
+register(
+    KnobSpec(
         "width",
         "model",
         1.0,
@@ -388,6 +463,12 @@ class Knobs:
             scheme always get 0.
         calibration: how uniform weights are rounded, chosen per plan (:data:`CALIBRATIONS`;
             ``"gptq"`` needs calibration data from the task's train split).
+        hot_rows: range of the fraction of an embedding table's rows kept at ``hot_bits``
+            (the rows the task's train split uses most; the rest at ``bits``), within [0, 1);
+            ``None`` (the default) disables it. Offered by untied ``nn.Embedding`` tables.
+        hot_rows_step: grid step of ``hot_rows``.
+        hot_bits: bit-widths to choose from for the hot rows (only those above the table's
+            ``bits`` are drawn).
 
     Example:
         >>> Knobs(width=(0.5, 1.0)).width
@@ -405,6 +486,9 @@ class Knobs:
     heads: tuple[float, float] | None = None
     groups: tuple[int, ...] = (0,)
     calibration: tuple[str, ...] = ("none",)
+    hot_rows: tuple[float, float] | None = None
+    hot_rows_step: float = 0.05
+    hot_bits: tuple[int, ...] = (4, 8)
 
     def __post_init__(self) -> None:
         for spec in KNOBS.values():

@@ -130,6 +130,8 @@ class LayerPlan:
     scheme: str = "uniform"
     rank_ratio: float = 1.0
     group: int = 0
+    hot_rows: float = 0.0
+    hot_bits: int = 8
 
     def __post_init__(self) -> None:
         for spec in knobs_of("layer"):  # rules live in the knob registry (spaces._knobs)
