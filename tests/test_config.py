@@ -123,7 +123,8 @@ def test_fuzzed_experiments_fail_cleanly(data: dict) -> None:
         ),
         (
             {"task": "digits-mlp", "space": {"pin": {"fc1": {"bitz": 3}}}},
-            r"space.pin.fc1.bitz: unknown key: allowed keys are \['bits', 'group', 'hot_bits', 'hot_rows', 'rank_ratio'",
+            r"space.pin.fc1.bitz: unknown key: allowed keys are \['bits', 'group', 'hot_bits', "
+            r"'hot_rows', 'rank_ratio'",
         ),
         ({"task": "digits-mlp", "space": {"pin": {"\x85": 0}}}, r"space.pin.\\x85: Input"),
         ({"task": "digits-mlp", "search": {"sampler": "x" * 500}}, r"\(got 'xxxx.*\.\.\.\)$"),
