@@ -8,11 +8,13 @@ from autocompress.compress._lowrank import factorize
 from autocompress.compress._meta import QuantRecord, quant_records
 from autocompress.compress._prune import magnitude_mask, prune
 from autocompress.compress._quant import attach, bake
+from autocompress.compress._tiers import TieredEmbedding, row_counts, split_tables
 from autocompress.compress._width import shrink_width
 
 __all__ = [
     "FinetuneDiverged",
     "QuantRecord",
+    "TieredEmbedding",
     "apply",
     "attach",
     "bake",
@@ -23,5 +25,7 @@ __all__ = [
     "prune",
     "quant_records",
     "restructure",
+    "row_counts",
     "shrink_width",
+    "split_tables",
 ]

@@ -20,7 +20,8 @@ from autocompress.compress._quant import (
     has_pending_codebooks,
     set_sparsity,
 )
-from autocompress.compress._tiers import COUNT_SAMPLES, row_counts, split_tables, tiered_layers
+from autocompress.compress._tiers import COUNT_SAMPLES, split_tables, tiered_layers
+from autocompress.compress._tiers import row_counts as count_rows
 from autocompress.compress._width import shrink_width
 from autocompress.errors import PlanError
 from autocompress.spaces._discover import discover_layers
@@ -88,6 +89,7 @@ def apply(
     device: str | torch.device = "cpu",
     stop: Callable[[int, float], bool] | None = None,
     teacher_outputs: torch.Tensor | None = None,
+    row_counts: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Compress ``model`` according to ``plan`` and return a new module (input untouched).
 
@@ -105,6 +107,9 @@ def apply(
     ``teacher_outputs`` may pass the teacher's selected outputs on the in-memory train split
     (``task.predict(teacher, "train")``) when the caller caches them across plans; otherwise
     they are computed once here and shared by both fine-tunes of a codebook plan.
+    ``row_counts`` (plan layer name -> lookups per row) ranks the rows of the tables a plan
+    splits (``hot_rows``, see ``compress._tiers``); by default they are counted on the first
+    ``COUNT_SAMPLES`` train examples of ``task``.
 
     Example:
         >>> from autocompress.tasks import get_task
@@ -134,12 +139,18 @@ def apply(
             )
         example_input = task.example_input() if task is not None else None
     tiers = tiered_layers(plan)
-    if tiers and task is None:
+    counts = row_counts
+    missing = sorted(set(tiers) - set(counts or {}))
+    if missing and task is None:
         raise PlanError(
-            f"hot_rows on {sorted(tiers)} ranks rows by their use in a task's train split: "
-            "pass task= or use hot_rows=0"
+            f"hot_rows on {missing} ranks rows by their use in a task's train split: "
+            "pass task= (or row_counts=) or use hot_rows=0"
         )
-    counts = row_counts(model, tiers, calibration_inputs(task, COUNT_SAMPLES)) if tiers else None
+    if missing:
+        counts = {
+            **(counts or {}),
+            **count_rows(model, missing, calibration_inputs(task, COUNT_SAMPLES)),
+        }
     teacher = (teacher if teacher is not None else model).eval()
     student = restructure(model, plan, example_input, counts) if example_input is not None else None
     if student is None:  # width == 1 and no example input: factorize only
