@@ -197,6 +197,13 @@ def run(
         int | None,
         typer.Option(help="Override search.refine: screen cheaply, then fine-tune the K best."),
     ] = None,
+    refine_margin: Annotated[
+        float | None,
+        typer.Option(
+            help="Override search.refine_margin: refine first the screened plans that miss the "
+            "constraints by at most this summed relative violation (0: feasible first)."
+        ),
+    ] = None,
     address: Annotated[str | None, typer.Option(help="Ray cluster address, e.g. auto.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue a killed run in --run-dir.")] = False,
     run_dir: Annotated[
@@ -222,6 +229,7 @@ def run(
             sampler=sampler,
             time_budget=time_budget,
             refine=refine,
+            refine_margin=refine_margin,
             address=address,
             run_dir=str(run_dir) if run_dir else None,
         )
@@ -262,6 +270,7 @@ def run(
             early_stop=EarlyStop(**s.early_stop.model_dump()) if s.early_stop else False,
             refine=s.refine,
             screen_steps=s.screen_steps,
+            refine_margin=s.refine_margin,
             sensitivity=s.sensitivity,
             verbose=verbose,
         )

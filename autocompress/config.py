@@ -209,6 +209,13 @@ class SearchConfig(_Strict):
     early_stop: EarlyStopConfig | None = None
     refine: int = Field(0, ge=0, description="calibration-only trials, then fine-tune the K best")
     screen_steps: int = Field(0, ge=0, description="optimizer steps of a screening trial (0: none)")
+    refine_margin: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="refine first the screened plans whose summed relative constraint violation "
+        "is at most this (0: feasible first)",
+    )
     sensitivity: bool = Field(
         False, description="measure each layer unit alone first; open with plans built from it"
     )

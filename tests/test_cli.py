@@ -160,7 +160,17 @@ def test_help_version_and_option_texts() -> None:
         for param in commands[name].params:
             assert param.help, f"{name} --{param.name} has no help text"
     run_opts = {p.name for p in commands["run"].params}
-    assert {"seed", "sampler", "trials", "workers", "resume"} <= run_opts
+    assert {"seed", "sampler", "trials", "workers", "resume", "refine_margin"} <= run_opts
+
+
+def test_refine_margin_option_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("task: digits-mlp\nsearch: {refine: 2}\n")
+    res = runner.invoke(
+        app, ["run", str(exp), "--run-dir", str(tmp_path / "r"), "--refine-margin", "-1"]
+    )
+    assert res.exit_code == 2 and "search.refine_margin" in res.output
+    assert not (tmp_path / "r").exists()
 
 
 def test_export_of_a_missing_run_dir_says_it_does_not_exist(tmp_path: Path) -> None:

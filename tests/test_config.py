@@ -188,3 +188,13 @@ def test_heads_knob_and_finetune_budgets_reach_the_space() -> None:
     assert (ft.max_steps, ft.accum_steps, ft.max_seconds, ft.amp) == (20, 2, 9.5, False)
     with pytest.raises(ConfigError, match="heads"):
         parse_experiment({"task": "digits-mlp", "space": {"knobs": {"heads": [0.0, 1.0]}}})
+
+
+def test_refine_margin_setting() -> None:
+    assert parse_experiment({"task": "digits-mlp"}).search.refine_margin == 1.0
+    exp = parse_experiment({"task": "digits-mlp", "search": {"refine": 4, "refine_margin": 0.5}})
+    assert exp.search.refine_margin == 0.5
+    assert exp.with_overrides(refine_margin=0.0).search.refine_margin == 0.0
+    for bad in (-0.1, ".nan", "lots"):
+        with pytest.raises(ConfigError, match="search.refine_margin"):
+            parse_experiment({"task": "digits-mlp", "search": {"refine_margin": bad}})

@@ -43,6 +43,7 @@ from autocompress.search._ray import (
 )
 from autocompress.search._result import SearchResult
 from autocompress.search._storage import Remote, locate
+from autocompress.search._tune import REFINE_MARGIN
 from autocompress.spaces import CompressionSpace, Plan
 from autocompress.tasks import Task
 
@@ -203,6 +204,25 @@ def _teacher(
     return info, reference
 
 
+def _resumed_margin(rd: Path, margin: float) -> float:
+    """The ``refine_margin`` a resumed run keeps picking its refined plans with: the one it was
+    started with (0.0 for a run started before the setting existed: it picked feasible plans
+    first), so a resume never refines a different set; a different explicit value is refused."""
+    old = json.loads((rd / "run.json").read_text()).get("settings", {})
+    if "refine" not in old:
+        return margin
+    if "refine_margin" not in old:
+        if margin != 0.0:
+            log.info("resume: this run was started before refine_margin existed: keeping 0.0")
+        return 0.0
+    if not math.isclose(float(old["refine_margin"]), margin):
+        raise ConfigError(
+            f"resume: refine_margin={margin!r} but the run was started with "
+            f"{old['refine_margin']!r}: pass the same value"
+        )
+    return margin
+
+
 def run(
     task: Task,
     space: CompressionSpace,
@@ -226,6 +246,7 @@ def run(
     early_stop: bool | EarlyStop = False,
     refine: int = 0,
     screen_steps: int = 0,
+    refine_margin: float = REFINE_MARGIN,
     sensitivity: bool = False,
     progress: bool = True,
     verbose: bool = False,
@@ -274,6 +295,11 @@ def run(
     plans that only calibrate (no fine-tune, or ``screen_steps`` optimizer steps), then the K
     most promising ones (the val front, spread along it) are re-run with the space's full
     fine-tune as trials of their own (``refined_from``); the front is over all trials.
+    ``refine_margin`` (default 1.0) lets screened plans that miss the constraints by at most
+    that much (summed relative violation: with ``accuracy_drop <= 0.01``, a drop of 0.02 is
+    1.0) compete with the feasible ones for those K (``search._tune.pick_promising``): a
+    fine-tune wins part of a post-training loss back, so the smallest near-feasible plans are
+    the ones worth it; 0 refines feasible plans first, as before the setting existed.
     ``sensitivity=True`` (with the default ``baselines``) first measures each layer unit's
     sensitivity alone, post-training, on 64 train examples (``spaces.sensitivity``, cached in
     ``run_dir/sensitivity``) and opens the search with greedy plans built from it and the
@@ -299,6 +325,15 @@ def run(
     for name, v in (("refine", refine), ("screen_steps", screen_steps)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConfigError(f"{name}={v!r} must be an integer >= 0 (0: off)")
+    if (
+        isinstance(refine_margin, bool)
+        or not isinstance(refine_margin, int | float)
+        or not math.isfinite(refine_margin)
+        or refine_margin < 0
+    ):
+        raise ConfigError(
+            f"refine_margin={refine_margin!r} must be a number >= 0 (e.g. 1.0; 0: feasible first)"
+        )
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r} is unknown: use 'cpu' or 'cuda'")
     if device == "cuda" and not gpus_per_trial:
@@ -378,7 +413,9 @@ def run(
             "early_stop": None if early_stop is None else asdict(early_stop),
         }
         if refine:  # only when on, so runs made before these settings existed still resume
-            settings.update(refine=refine, screen_steps=screen_steps)
+            settings.update(
+                refine=refine, screen_steps=screen_steps, refine_margin=float(refine_margin)
+            )
         if sensitivity:
             settings.update(sensitivity=True)
         desc = {
@@ -389,6 +426,8 @@ def run(
         }
         if resume:
             check_resume(rd, desc)
+            if refine:
+                settings["refine_margin"] = _resumed_margin(rd, float(refine_margin))
         for k, v in QUIET_ENV.items():
             os.environ.setdefault(k, v)
         t0 = time.monotonic()
