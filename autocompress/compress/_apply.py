@@ -20,7 +20,7 @@ from autocompress.compress._quant import (
     has_pending_codebooks,
     set_sparsity,
 )
-from autocompress.compress._tiers import COUNT_SAMPLES, split_tables, tiered_layers
+from autocompress.compress._tiers import COUNT_SAMPLES, split_tables, tiered_layers, unsplittable
 from autocompress.compress._tiers import row_counts as count_rows
 from autocompress.compress._width import shrink_width
 from autocompress.errors import PlanError
@@ -48,6 +48,8 @@ def check_plan(model: nn.Module, plan: Plan) -> None:
             from autocompress.spaces._knobs import KNOBS
 
             why = KNOBS["hot_rows"].offered(layers[name])
+            if why is None:
+                why = unsplittable(model.get_submodule(layers[name].name))
             if why is not None:
                 raise PlanError(f"layer {name!r} cannot use hot_rows ({why}): use hot_rows=0")
 
@@ -140,6 +142,13 @@ def apply(
         example_input = task.example_input() if task is not None else None
     tiers = tiered_layers(plan)
     counts = row_counts
+    for name in set(tiers) & set(counts or {}):  # before any copy or counting
+        rows = model.get_submodule(name).num_embeddings
+        if tuple(counts[name].shape) != (rows,):  # type: ignore[index]
+            raise PlanError(
+                f"row_counts[{name!r}] has shape {list(counts[name].shape)} but the table "  # type: ignore[index]
+                f"has {rows} rows: pass one count per row"
+            )
     missing = sorted(set(tiers) - set(counts or {}))
     if missing and task is None:
         raise PlanError(
@@ -153,9 +162,11 @@ def apply(
         }
     teacher = (teacher if teacher is not None else model).eval()
     student = restructure(model, plan, example_input, counts) if example_input is not None else None
-    if student is None:  # width == 1 and no example input: factorize only
+    if student is None:  # width == 1 and no example input: factorize and split only
         ratios = {n: lp.rank_ratio for n, lp in plan.layers.items() if lp.rank_ratio < 1.0}
         student = factorize(copy.deepcopy(model), ratios) if ratios else copy.deepcopy(model)
+        if tiers:
+            split_tables(student, tiers, counts)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PlanError("device='cuda' but torch sees no GPU: use device='cpu'")

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from autocompress.errors import PlanError
+from autocompress.errors import ArtifactError, PlanError
 
 COUNT_SAMPLES = 4096
 """Train examples whose lookups are counted (the first ones of the split)."""
@@ -71,10 +71,18 @@ class TieredEmbedding(nn.Module):
         n, d = emb.num_embeddings, emb.embedding_dim
         if not 0 < k < n:
             raise PlanError(f"a split embedding needs 0 < hot rows < {n} (got {k})")
+        why = unsplittable(emb)
+        if why is not None:
+            raise PlanError(f"this embedding cannot be split into hot and cold rows ({why})")
         if counts is None:  # a loader rebuilding shapes: the saved mask replaces this one
             hot = torch.arange(k)
         else:  # most-used first; ties by row id
-            hot = torch.argsort(-counts.double().cpu(), stable=True)[:k]
+            if tuple(counts.shape) != (n,):
+                raise PlanError(
+                    f"row counts of a {n}-row embedding have shape {list(counts.shape)}: "
+                    f"pass one count per row (shape [{n}])"
+                )
+            hot = torch.argsort(-counts.detach().double().cpu(), stable=True)[:k]
         mask = torch.zeros(n, dtype=torch.bool)
         mask[hot] = True
         self.num_embeddings, self.embedding_dim = n, d
@@ -83,6 +91,7 @@ class TieredEmbedding(nn.Module):
         dev = w.device
         self.hot = nn.Embedding(k, d, device=dev, dtype=w.dtype)
         self.cold = nn.Embedding(n - k, d, device=dev, dtype=w.dtype)
+        self.hot.sparse = self.cold.sparse = emb.sparse
         with torch.no_grad():
             self.hot.weight.copy_(w[mask.to(dev)])
             self.cold.weight.copy_(w[~mask.to(dev)])
@@ -108,8 +117,26 @@ class TieredEmbedding(nn.Module):
                 self.cold.padding_idx = s - k
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        mask = state_dict.get(f"{prefix}hot_mask")
+        if mask is not None:  # a mask of another layout would gather the wrong rows, silently
+            self._check_mask(mask, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._index()
+
+    def _check_mask(self, mask: torch.Tensor, prefix: str) -> None:
+        """Raise :class:`ArtifactError` unless ``mask`` marks exactly the hot table's rows."""
+        n, k = self.num_embeddings, self.hot.num_embeddings
+        if tuple(mask.shape) != (n,) or mask.dtype.is_floating_point or mask.is_complex():
+            raise ArtifactError(
+                f"{prefix}hot_mask has shape {list(mask.shape)} and dtype {mask.dtype}, not a "
+                f"[{n}] bool row mask: the saved weights do not belong to this layout"
+            )
+        marked = int(mask.bool().sum())
+        if marked != k:
+            raise ArtifactError(
+                f"{prefix}hot_mask marks {marked} hot rows but {prefix}hot holds {k}: the "
+                "saved weights are corrupt or belong to another plan (re-export them)"
+            )
 
     @property
     def weight(self) -> torch.Tensor:
@@ -129,6 +156,20 @@ class TieredEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, hot={self.hot.num_embeddings}"
+
+
+def unsplittable(emb: nn.Module) -> str | None:
+    """Why the table ``emb`` cannot become a :class:`TieredEmbedding` (else ``None``):
+    ``max_norm`` renormalizes and ``scale_grad_by_freq`` counts every row looked up, and the
+    split looks up one placeholder row of the other table for each id, so both would change
+    what the layer computes."""
+    if not isinstance(emb, nn.Embedding):
+        return f"{type(emb).__name__} is not an nn.Embedding"
+    if emb.max_norm is not None:
+        return f"max_norm={emb.max_norm} is not supported"
+    if emb.scale_grad_by_freq:
+        return "scale_grad_by_freq=True is not supported"
+    return None
 
 
 def tiered_layers(plan: object) -> dict[str, float]:
