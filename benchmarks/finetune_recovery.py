@@ -137,7 +137,8 @@ def main() -> None:
     body = (
         f"fp32 teacher artifact: {fp32 / 1e6:.2f} MB. Plans: "
         + "; ".join(describe(n) for n in PLANS if n in args.plans)
-        + f". Fine-tunes: {args.steps} steps, batch {args.batch}, lr {args.lr:g}; `old` ="
+        + " (position and token-type embeddings 8-bit)."
+        + f" Fine-tunes: {args.steps} steps, batch {args.batch}, lr {args.lr:g}; `old` ="
         " output-only distillation with dropout, `new` = `distill: hidden`, `dropout: false`,"
         " `warmup: 0.1`. CPU seconds include GPTQ (1 torch thread; wall time depends on the"
         " machine's load).\n\n" + table(rows, cols)
