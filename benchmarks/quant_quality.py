@@ -10,7 +10,10 @@ of the compressed model's sentence embeddings to the teacher's, recall@1 of each
 own teacher embedding, and the real artifact bytes (``export(...).size_bytes``). Compared side
 by side, in one run: every Linear at 4 bits per output channel (round to nearest) against
 group-wise scales (128/64/32 weights per scale) and against GPTQ (groups of 128/64); the
-word embedding at 4 bits per row against groups of 32; and the two combined.
+word embedding at 4 bits per row against groups of 32; the two combined; and the word embedding
+split into hot and cold rows (``hot_rows=0.1, hot_bits=4``: the 10% of rows the train split
+looks up most at 4 bits, every other row at 2 or 3 bits, groups of 64, clipped scales), alone
+and with every Linear 4-bit g64 GPTQ.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from autocompress.compress._gptq import CALIBRATION_SAMPLES  # noqa: E402
 from autocompress.spaces import CompressionSpace, FinetuneSettings, LayerPlan, Plan  # noqa: E402
 
 EMBED = "embeddings.word_embeddings"
+HOT = {"hot_rows": 0.1, "hot_bits": 4}
+"""The hot tier of the tiered word-embedding rows: 10% of the rows at 4 bits."""
 
 
 def plans(linears: list[str], quick: bool) -> list[tuple[str, Plan]]:
@@ -61,8 +66,22 @@ def plans(linears: list[str], quick: bool) -> list[tuple[str, Plan]]:
             "Linear 8-bit + embedding 4-bit per row (hand plan of issue 13)",
             mk(LayerPlan(bits=8), LayerPlan(bits=4)),
         ),
+        # calibration "gptq" here: the embedding's scales are clipped (no Linear is quantized)
+        ("word embedding 3-bit g64, clipped", mk(None, LayerPlan(bits=3, group=64), "gptq")),
+        (
+            "word embedding tiered: hot 10% 4-bit + cold 2-bit g64",
+            mk(None, LayerPlan(bits=2, group=64, **HOT), "gptq"),
+        ),
+        (
+            "word embedding tiered: hot 10% 4-bit + cold 3-bit g64",
+            mk(None, LayerPlan(bits=3, group=64, **HOT), "gptq"),
+        ),
+        (
+            "Linear 4-bit g64 GPTQ + embedding tiered (hot 10% 4-bit + cold 2-bit g64)",
+            mk(LayerPlan(bits=4, group=64), LayerPlan(bits=2, group=64, **HOT), "gptq"),
+        ),
     ]
-    return out[:2] + out[4:5] if quick else out
+    return out[:2] + out[4:5] + out[11:12] if quick else out
 
 
 def scores(task, model, teacher_out: torch.Tensor, split: str) -> dict[str, float]:
@@ -79,7 +98,7 @@ def scores(task, model, teacher_out: torch.Tensor, split: str) -> dict[str, floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--test", type=int, default=300, help="test sentences scored")
-    ap.add_argument("--quick", action="store_true", help="three plans only (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="four plans only (a smoke run)")
     ap.add_argument("--no-write", action="store_true", help="print, do not write the doc")
     args = ap.parse_args()
     from autocompress.tasks._minilm import minilm
