@@ -147,9 +147,9 @@ class TieredEmbedding(nn.Module):
         w[~mask] = self.cold.weight
         return w
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Embedding's argument name
         k = self.hot.num_embeddings
-        s = self.slot[ids]
+        s = self.slot[input]
         hot = self.hot(s.clamp(max=k - 1))
         cold = self.cold((s - k).clamp(min=0))
         return torch.where((s < k).unsqueeze(-1), hot, cold)
@@ -197,6 +197,16 @@ def split_tables(
                 f"hot_rows needs an nn.Embedding and {name!r} is a {type(emb).__name__}: "
                 "use hot_rows=0 for it"
             )
+        shared = [
+            n
+            for n, p in model.named_parameters(remove_duplicate=False)
+            if p is emb.weight and n != f"{name}.weight"
+        ]
+        if shared:  # the split would leave the other holder with the old, whole table
+            raise PlanError(
+                f"hot_rows cannot split {name!r}: its table is shared with {shared[0]!r} "
+                "(tied weights); use hot_rows=0 for it"
+            )
         k = hot_count(emb.num_embeddings, frac)
         c = None if counts is None else counts.get(name)
         owner, _, attr = name.rpartition(".")
@@ -230,8 +240,8 @@ def row_counts(
     pending: set[str] = set()
 
     def hook(name: str):  # type: ignore[no-untyped-def]
-        def fn(mod: nn.Module, args: tuple[object, ...]) -> None:
-            ids = args[0]
+        def fn(mod: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            ids = args[0] if args else kwargs.get("input")  # emb(ids) or emb(input=ids)
             if isinstance(ids, torch.Tensor):
                 flat = ids.detach().reshape(-1).long().cpu()
                 counts[name] += torch.bincount(flat, minlength=len(counts[name])).double()
@@ -241,7 +251,7 @@ def row_counts(
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mods.items()]
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in mods.items()]
     try:
         with torch.no_grad():
             for batch in batches:

@@ -65,6 +65,7 @@ def test_forward_and_weight_equal_the_table_for_every_id(padding_idx: int | None
     assert torch.equal(t(ALL_IDS), emb(ALL_IDS))
     assert torch.equal(t(torch.tensor(5)), emb(torch.tensor(5)))  # a 0-d id
     assert torch.equal(t(ALL_IDS.int()), emb(ALL_IDS.int()))  # int32 ids as nn.Embedding takes
+    assert torch.equal(t(input=ALL_IDS), emb(input=ALL_IDS))  # nn.Embedding's keyword
     assert torch.equal(t.weight, emb.weight)
     assert (t.num_embeddings, t.embedding_dim, t.padding_idx) == (ROWS, DIM, padding_idx)
 
@@ -212,6 +213,29 @@ def test_row_counts_stop_after_the_tables_and_count_every_lookup() -> None:
     assert {i: int(v) for i, v in enumerate(c.tolist()) if v} == {0: 1, 1: 2, 5: 3, 39: 1}
     assert not calls  # the forward stopped at the embedding
     assert not net.emb._forward_pre_hooks  # hooks removed
+
+
+class KeywordNet(EmbNet):
+    """Calls its table as ``emb(input=ids)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(input=x).mean(dim=1))
+
+
+def test_row_counts_of_a_table_called_by_keyword() -> None:
+    c = row_counts(KeywordNet(), ["emb"], [torch.tensor([[2, 2, 7]])])["emb"]
+    assert {i: int(v) for i, v in enumerate(c.tolist()) if v} == {2: 2, 7: 1}
+
+
+def test_a_tied_table_is_not_split() -> None:
+    """``split_tables`` is public: a table shared with an output layer must not be split
+    (the output layer would keep the whole table, untied)."""
+    net = EmbNet()
+    net.out = nn.Linear(DIM, ROWS, bias=False)
+    net.out.weight = net.emb.weight
+    with pytest.raises(PlanError, match="shared with 'out.weight'"):
+        split_tables(net, {"emb": 0.1})
+    assert isinstance(net.emb, nn.Embedding)
 
 
 # --- apply --------------------------------------------------------------------------------
