@@ -159,12 +159,16 @@ class TieredEmbedding(nn.Module):
 
 
 def unsplittable(emb: nn.Module) -> str | None:
-    """Why the table ``emb`` cannot become a :class:`TieredEmbedding` (else ``None``):
-    ``max_norm`` renormalizes and ``scale_grad_by_freq`` counts every row looked up, and the
-    split looks up one placeholder row of the other table for each id, so both would change
-    what the layer computes."""
+    """Why the table ``emb`` cannot become a :class:`TieredEmbedding` (else ``None``).
+
+    A subclass with its own ``forward`` (Hugging Face's scaled word embeddings multiply the
+    rows) would lose it; ``max_norm`` renormalizes and ``scale_grad_by_freq`` counts every row
+    looked up, and the split looks up one placeholder row of the other table for each id, so
+    both would change what the layer computes."""
     if not isinstance(emb, nn.Embedding):
         return f"{type(emb).__name__} is not an nn.Embedding"
+    if type(emb).forward is not nn.Embedding.forward:  # e.g. a scaled word embedding
+        return f"{type(emb).__name__} computes more than a lookup (its own forward)"
     if emb.max_norm is not None:
         return f"max_norm={emb.max_norm} is not supported"
     if emb.scale_grad_by_freq:

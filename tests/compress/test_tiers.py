@@ -187,7 +187,25 @@ def test_deepcopy_and_to_keep_the_layout() -> None:
     assert m.slot.device.type == "meta" and m.hot.weight.device.type == "meta"
 
 
+class ScaledEmbedding(nn.Embedding):
+    """A table whose forward scales the rows (as Hugging Face's scaled word embeddings do)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 8.0
+
+
+class PlainSubclass(nn.Embedding):
+    """A subclass that only adds a method: still a plain lookup."""
+
+    def rows(self) -> int:
+        return self.num_embeddings
+
+
 def test_refuses_what_it_cannot_reproduce() -> None:
+    with pytest.raises(PlanError, match="ScaledEmbedding computes more than a lookup"):
+        TieredEmbedding(ScaledEmbedding(ROWS, DIM), None, 4)
+    emb = PlainSubclass(ROWS, DIM)
+    assert torch.equal(TieredEmbedding(emb, _counts(), 4)(ALL_IDS), emb(ALL_IDS))
     with pytest.raises(PlanError, match="max_norm"):
         TieredEmbedding(nn.Embedding(ROWS, DIM, max_norm=1.0), None, 4)
     with pytest.raises(PlanError, match="scale_grad_by_freq"):
@@ -416,6 +434,9 @@ def test_plans_refused_before_any_work(no_work: None) -> None:
     capped = EmbNet()
     capped.emb = nn.Embedding(ROWS, DIM, max_norm=1.0)
     _refused(capped, PLAN, "layer 'emb' cannot use hot_rows .*max_norm", row_counts=counts)
+    scaled = EmbNet()
+    scaled.emb = ScaledEmbedding(ROWS, DIM)
+    _refused(scaled, PLAN, "layer 'emb' cannot use hot_rows", row_counts=counts)
 
 
 def test_tied_embedding_is_refused(no_work: None) -> None:
