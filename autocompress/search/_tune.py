@@ -296,16 +296,15 @@ def pick_promising(
     non-duplicate records, spread evenly along it (sorted by the first metric); when the front
     is smaller than ``k``, the next front (the front of the rest), and so on.
 
-    Records whose ``violation`` (the sum of relative constraint violations; 0 when feasible)
-    is at most ``margin`` come first, front by front over feasible and near-feasible records
-    together, so the small plans just past a constraint stand on the same front as the big
-    feasible ones and the even spread picks them: a fine-tune recovers part of a post-training
-    loss (measured on MiniLM: 200 steps of hidden-state distillation took an 8.26x plan from
-    cosine 0.9743 to 0.9857, with ``accuracy_drop <= 0.01`` a violation of about 1.6 -> 0.4),
-    while a feasible plan that is already large gains little from it. Then the remaining
-    feasible records, then the remaining infeasible ones (a calibration-only candidate may
-    still meet its constraint after the fine-tune). ``margin=0`` is feasible first, then
-    infeasible.
+    Infeasible records whose ``violation`` (the sum of relative constraint violations) is at
+    most ``margin`` come first, front by front, spread from the nearly feasible to the margin:
+    a fine-tune recovers part of a post-training loss (measured on MiniLM: 200 steps of
+    hidden-state distillation took an 8.26x plan from cosine 0.9743 to 0.9857, with
+    ``accuracy_drop <= 0.01`` a violation of about 1.6 -> 0.4), so these are the plans that can
+    move the feasible front to smaller sizes, while refining a plan that is feasible already
+    only polishes its score. Then the feasible records, then the remaining infeasible ones (a
+    calibration-only candidate may still meet its constraint after the fine-tune).
+    ``margin=0`` is feasible first, then infeasible.
     """
     if not (isinstance(margin, int | float) and not isinstance(margin, bool) and margin >= 0):
         raise ValueError(f"margin={margin!r} must be a number >= 0")
@@ -318,7 +317,7 @@ def pick_promising(
     ]
     chosen: list[dict[str, Any]] = []
     if margin > 0:
-        near = [r for r in ok if r.get("feasible") or _violation(r) <= margin]
+        near = [r for r in ok if not r.get("feasible") and _violation(r) <= margin]
         chosen += _peel(near, objective, k)
     for feasible in (True, False):
         pool = [

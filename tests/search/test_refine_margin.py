@@ -41,10 +41,12 @@ def _ids(k: int, margin: float, pool: dict[str, dict] | None = None) -> list[str
 
 
 def test_margin_picks_the_small_near_feasible_plans() -> None:
-    assert _ids(2, 1.0) == ["big1", "small1"]  # both ends of the front within the margin
+    # the infeasible plans within the margin first (they can move the front), then feasible
+    assert _ids(2, 1.0) == ["small1", "big1"]
+    assert _ids(2, 2.0) == ["small1", "small2"]  # both ends of the near front
     assert "small2" in _ids(3, 2.0) and "tiny" not in _ids(3, 2.0)
     # within the margin first, then the rest as before: feasible, then infeasible
-    assert _ids(6, 1.0) == ["big1", "big2", "big3", "small1", "small2", "tiny"]
+    assert _ids(6, 1.0) == ["small1", "big1", "big2", "big3", "small2", "tiny"]
 
 
 def test_margin_zero_is_feasible_first() -> None:
