@@ -54,7 +54,8 @@ def _target(index: Holders, key: str, mod: nn.Module, attr: str, fqn: str) -> We
 
 def weight_targets(model: nn.Module, name: str, index: Holders | None = None) -> list[WeightTarget]:
     """The weight tensors of plan layer ``name``: a module's weight, both low-rank factors of a
-    factorized layer (an ``nn.Sequential`` at the same name), or a parameter-level weight
+    factorized layer (an ``nn.Sequential`` at the same name), both tables of a split embedding
+    (``<name>.hot``, ``<name>.cold`` of a ``TieredEmbedding``), or a parameter-level weight
     (``"lstm.weight_ih_l0"``).
 
     Example:
