@@ -63,6 +63,11 @@ def _rebuild(
     own = {n: tuple(t.shape) for n, t in base.state_dict().items()}
     if own == shapes or not _is_structural(plan):
         return base  # already the compressed architecture, or nothing structural to apply
+    from autocompress.compress import restructure
+
+    if plan.width == 1.0 and plan.head_fraction == 1.0:
+        # only the width shrink traces the model; low-rank and hot/cold splits need no input
+        return restructure(base, plan, None)  # type: ignore[arg-type]
     if example_input is None:
         if task is None and task_spec is None:
             raise ArtifactError("artifact has no task_spec: pass example_input= to load()")
@@ -76,8 +81,6 @@ def _rebuild(
                 )
             task = get_task(task_spec)
         example_input = task.example_input()
-    from autocompress.compress import restructure
-
     return restructure(base, plan, example_input)
 
 
@@ -138,7 +141,8 @@ def load(
         path: the artifact directory.
         model: the uncompressed architecture (copied, never modified); default: the artifact's
             task builds it. The compressed model itself is accepted too.
-        example_input: input batch for the structural steps; default: the task's.
+        example_input: input batch for the width/head shrink (the only structural step that
+            traces the model); default: the task's. Not needed for low-rank or hot/cold steps.
         runtime: ``"torch"`` (an ``nn.Module``, bit-exact weights) or ``"onnxruntime"``: the
             artifact's verified ``model.onnx`` in an ONNX Runtime session, as an
             :class:`~autocompress.deploy.OnnxModel` (a callable returning torch tensors). Its

@@ -143,3 +143,33 @@ def test_few_hot_rows_cost_their_extra_bits_and_the_mask(tmp_path: Path) -> None
     assert low < tiered < high, (low, tiered, high)
     assert tiered - low <= extra + 512, (tiered - low, extra)
     assert high - tiered > 10 * (tiered - low)
+
+
+def test_load_with_model_needs_no_example_input_without_a_width_shrink(
+    tiered_bert, tmp_path: Path
+) -> None:
+    """Hot/cold and low-rank steps trace nothing: ``load(path, model=m)`` rebuilds them without
+    ``example_input``, while a width shrink still asks for one (no task_spec to derive it)."""
+    q, plan, x = tiered_bert
+    art = export(q, plan, tmp_path / "hot")
+    again = load(art.path, model=_bert())
+    with torch.no_grad():
+        assert torch.equal(again(**x).last_hidden_state, q(**x).last_hidden_state)
+
+    lr = Plan(
+        {"encoder.layer.0.intermediate.dense": LayerPlan(bits=8, rank_ratio=0.5)}, finetune=NO_FT
+    )
+    q_lr = apply(_bert(), lr)
+    art = export(q_lr, lr, tmp_path / "rank")
+    again = load(art.path, model=_bert())
+    with torch.no_grad():
+        assert torch.equal(again(**x).last_hidden_state, q_lr(**x).last_hidden_state)
+
+    narrow = Plan({}, width=0.5, finetune=NO_FT)
+    q_w = apply(_bert(), narrow, example_input=x)
+    art = export(q_w, narrow, tmp_path / "width")
+    with pytest.raises(ArtifactError, match="pass example_input="):
+        load(art.path, model=_bert())
+    again = load(art.path, model=_bert(), example_input=x)
+    with torch.no_grad():
+        assert torch.equal(again(**x).last_hidden_state, q_w(**x).last_hidden_state)
