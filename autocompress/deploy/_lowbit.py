@@ -14,13 +14,20 @@ parameter (matched by value, so it works whichever exporter wrote the graph) is 
   fewest bytes (codes with padding, plus fp16 scales; 16..256). 5..8-bit records -> int8 codes
   and scales decoded by ``Cast``/``Mul`` that ONNX Runtime folds into an fp32 weight at session
   start (exact, fp32 speed; its 8-bit ``MatMulNBits`` was 20x slower than fp32 at batch 1,
-  see :data:`NBITS_MAX`).
+  see :data:`NBITS_MAX`). 2-bit (ternary) codes take the kernel's 2 bits, more than the
+  artifact's entropy-coded ~1 bit: the kernel reads only its own layout.
 * ``Gather`` on a constant table (an embedding), uniform 4- or 8-bit record ->
   ``com.microsoft.GatherBlockQuantized`` (quantized along the last axis; a per-row record is
   one block covering the row); 2, 3 and 5..7-bit records (which it would hold in 4- or 8-bit
-  slots, up to 2x the artifact's bytes) -> codes packed densely at their own bits, decoded into
-  an fp32 table by standard operators ONNX Runtime folds at session start (:func:`_dense_decoded`;
-  3-bit groups of 32 on all-MiniLM-L6-v2: the form went from 1.34x to 1.19x the artifact).
+  slots, up to 2x the artifact's bytes) -> codes packed densely, decoded into an fp32 table by
+  standard operators ONNX Runtime folds at session start (:func:`_dense_decoded`; 3-bit groups
+  of 32 on all-MiniLM-L6-v2: the form went from 1.34x to 1.19x the artifact). 3 and 5..7-bit
+  codes take their own bits; 2-bit codes are ternary (-1, 0, 1), which the artifact
+  entropy-codes to about 1 bit, so they are stored five a byte base 3 (1.6 bits, integer
+  ``Div``/``Mod``) or, when that is smaller (mostly zeros, as trained tables are), as a nonzero
+  bit per code and a sign bit per nonzero (``CumSum`` + ``Gather``): all-MiniLM-L6-v2 with
+  Linear 4-bit g64 and a word embedding 2-bit g64 with 10% hot rows at 4 bits went from 1.31x
+  (9.72 MB, the cold table at 2 bits) to 1.17x (8.67 MB) the artifact's 7.40 MB.
 * Any other use of a recorded weight (convolutions, a weight the kernels refuse) ->
   ``DequantizeLinear`` of int8 codes with the per-channel scales, and codebook weights -> a
   ``Gather`` of the fp32 codebook on uint8 codes; both still stored at 1 byte per weight.
@@ -396,19 +403,36 @@ def _dense_table(c: Coded) -> bool:
     return not c.group or c.rows.shape[1] % c.group == 0
 
 
-def _dense_decoded(gr: _Graph, c: Coded, out: str, tag: str):
-    """Nodes computing the fp32 table ``out`` (rows) from its codes packed densely, ``bits``
-    per code (little-endian bit stream), shifted by ``2**(bits-1)``, times the scales. All
-    inputs are constants, so ONNX Runtime folds the decoding into an fp32 table when the session
-    starts: the file holds the artifact's bits, the Gather runs at fp32 speed, exactly."""
-    assert c.scale is not None
+TERNARY_PER_BYTE = 5
+"""2-bit codes are ternary (-1, 0, 1: the symmetric grid's ``qmax`` is 1), so five fit a byte
+base 3 (``3**5 = 243``): 1.6 bits a code instead of 2 (the artifact entropy-codes them to about
+1.5)."""
+
+
+def pack_ternary(u: np.ndarray) -> np.ndarray:
+    """Unsigned ternary codes (0, 1, 2; any shape) packed base 3, little-endian digits, five a
+    byte: byte ``j`` is ``sum(u[5j + i] * 3**i)``; the last byte is padded with zeros.
+
+    Example:
+        >>> pack_ternary(np.array([2, 0, 1, 0, 0, 1, 2], np.uint8)).tolist()
+        [11, 7]
+    """
+    flat = u.reshape(-1).astype(np.int32)
+    if flat.size and (flat.min() < 0 or flat.max() > 2):
+        raise ValueError("ternary codes must be 0, 1 or 2")
+    pad = -flat.size % TERNARY_PER_BYTE
+    digits = np.concatenate([flat, np.zeros(pad, np.int32)]).reshape(-1, TERNARY_PER_BYTE)
+    return (digits @ (3 ** np.arange(TERNARY_PER_BYTE, dtype=np.int32))).astype(np.uint8)
+
+
+def _bit_codes(gr: _Graph, c: Coded, tag: str, nodes: list[onnx.NodeProto]) -> str:
+    """Nodes computing the signed codes as fp32 ``(v*d, 1)`` from a little-endian bit stream of
+    ``bits`` per code, each shifted by ``2**(bits-1)``."""
     v, d = c.rows.shape
     b, zp = c.bits, 2 ** (c.bits - 1)
     u = (c.codes.reshape(-1) + zp).astype(np.uint8)
     bits = ((u[:, None] >> np.arange(b, dtype=np.uint8)) & 1).astype(np.uint8)
     packed = np.packbits(bits.reshape(-1), bitorder="little")
-    F = onnx.TensorProto.FLOAT
-    nodes: list[onnx.NodeProto] = []
     k = {
         "p": gr.const(f"{tag}_packed{b}", packed[:, None]),
         "sh": gr.const(f"{tag}_shifts", np.arange(8, dtype=np.uint8)),
@@ -427,10 +451,123 @@ def _dense_decoded(gr: _Graph, c: Coded, out: str, tag: str):
         helper.make_node("Reshape", [t["bit"], k["flat"]], [t["fl"]]),
         helper.make_node("Slice", [t["fl"], k["n0"], k["n1"]], [t["sl"]]),
         helper.make_node("Reshape", [t["sl"], k["nb"]], [t["rs"]]),
-        helper.make_node("Cast", [t["rs"]], [t["bf"]], to=F),
+        helper.make_node("Cast", [t["rs"]], [t["bf"]], to=onnx.TensorProto.FLOAT),
         helper.make_node("MatMul", [t["bf"], k["pw"]], [t["u"]]),  # (v*d, 1) unsigned codes
         helper.make_node("Sub", [t["u"], k["zp"]], [t["c"]]),
     ]
+    return t["c"]
+
+
+def _ternary_codes(gr: _Graph, c: Coded, tag: str, nodes: list[onnx.NodeProto]) -> str:
+    """Nodes computing the signed 2-bit codes as fp32 ``(v*d,)`` from bytes of five base-3
+    digits (:func:`pack_ternary` of the codes + 1): ``(byte // 3**i) % 3 - 1`` in int32
+    ``Div``/``Mod`` (exact integer arithmetic; no lookup table to store)."""
+    v, d = c.rows.shape
+    packed = pack_ternary((c.codes.reshape(-1) + 1).astype(np.uint8))
+    k = {
+        "p": gr.const(f"{tag}_packed3", packed[:, None]),
+        "pw": gr.const(f"{tag}_pow3", 3 ** np.arange(TERNARY_PER_BYTE, dtype=np.int32)),
+        "three": gr.const(f"{tag}_three", np.array(3, np.int32)),
+        "flat": gr.const(f"{tag}_flat", np.array([-1], np.int64)),
+        "n0": gr.const(f"{tag}_n0", np.array([0], np.int64)),
+        "n1": gr.const(f"{tag}_n1", np.array([v * d], np.int64)),
+        "one": gr.const(f"{tag}_one", np.array(1.0, np.float32)),
+    }
+    t = {n: gr.fresh(f"{tag}_{n}") for n in ("i", "q", "u", "fl", "sl", "f", "c")}
+    nodes += [
+        helper.make_node("Cast", [k["p"]], [t["i"]], to=onnx.TensorProto.INT32),
+        helper.make_node("Div", [t["i"], k["pw"]], [t["q"]]),  # (bytes, 5)
+        helper.make_node("Mod", [t["q"], k["three"]], [t["u"]]),  # digits 0..2
+        helper.make_node("Reshape", [t["u"], k["flat"]], [t["fl"]]),
+        helper.make_node("Slice", [t["fl"], k["n0"], k["n1"]], [t["sl"]]),
+        helper.make_node("Cast", [t["sl"]], [t["f"]], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sub", [t["f"], k["one"]], [t["c"]]),
+    ]
+    return t["c"]
+
+
+def _unpacked_bits(
+    gr: _Graph, bits: np.ndarray, tag: str, nodes: list[onnx.NodeProto], n: int | None = None
+) -> str:
+    """Nodes unpacking the 0/1 vector ``bits`` (stored ``np.packbits`` little-endian) into a
+    uint8 vector: its first ``n`` entries, or all of the padded bytes' bits."""
+    packed = np.packbits(bits.astype(np.uint8), bitorder="little")
+    p = gr.const(f"{tag}_bits", packed[:, None])
+    sh = gr.const(f"{tag}_shifts", np.arange(8, dtype=np.uint8))
+    one = gr.const(f"{tag}_one", np.array(1, np.uint8))
+    flat = gr.const(f"{tag}_flat", np.array([-1], np.int64))
+    t = {x: gr.fresh(f"{tag}_{x}") for x in ("sh", "bit", "fl", "sl")}
+    nodes += [
+        helper.make_node("BitShift", [p, sh], [t["sh"]], direction="RIGHT"),
+        helper.make_node("BitwiseAnd", [t["sh"], one], [t["bit"]]),
+        helper.make_node("Reshape", [t["bit"], flat], [t["fl"]]),
+    ]
+    if n is None:
+        return t["fl"]
+    n0 = gr.const(f"{tag}_n0", np.array([0], np.int64))
+    n1 = gr.const(f"{tag}_n1", np.array([n], np.int64))
+    nodes.append(helper.make_node("Slice", [t["fl"], n0, n1], [t["sl"]]))
+    return t["sl"]
+
+
+def _mask_sign_codes(gr: _Graph, c: Coded, tag: str, nodes: list[onnx.NodeProto]) -> str:
+    """Nodes computing the signed 2-bit codes as fp32 ``(v*d,)`` from one bit per code
+    (nonzero) and one sign bit per nonzero code (1: +1), with one padding sign bit so that the
+    exclusive ``CumSum`` of the nonzero bits (each code's position among the nonzeros) indexes
+    the signs for every code: ``code = nz * (2 * signs[cumsum] - 1)``, exact in int32/fp32."""
+    flat = c.codes.reshape(-1)
+    nz = flat != 0
+    signs = np.concatenate([flat[nz] > 0, np.zeros(1, bool)])
+    m = _unpacked_bits(gr, nz, f"{tag}_nz", nodes, n=flat.size)
+    sg = _unpacked_bits(gr, signs, f"{tag}_sign", nodes)
+    axis = gr.const(f"{tag}_axis", np.array(0, np.int32))
+    two = gr.const(f"{tag}_two", np.array(2.0, np.float32))
+    t = {x: gr.fresh(f"{tag}_{x}") for x in ("mi", "pos", "s", "mf", "sf", "s2", "p", "c")}
+    nodes += [
+        helper.make_node("Cast", [m], [t["mi"]], to=onnx.TensorProto.INT32),
+        helper.make_node("CumSum", [t["mi"], axis], [t["pos"]], exclusive=1),
+        helper.make_node("Gather", [sg, t["pos"]], [t["s"]], axis=0),
+        helper.make_node("Cast", [m], [t["mf"]], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Cast", [t["s"]], [t["sf"]], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [t["sf"], two], [t["s2"]]),  # 0 or 2
+        helper.make_node("Mul", [t["s2"], t["mf"]], [t["p"]]),
+        helper.make_node("Sub", [t["p"], t["mf"]], [t["c"]]),  # nz * (2 sign - 1)
+    ]
+    return t["c"]
+
+
+def ternary_bytes(codes: np.ndarray) -> dict[str, int]:
+    """Bytes of the two packings of 2-bit (ternary) codes: ``"base3"`` (five a byte) and
+    ``"mask"`` (a nonzero bit per code + a sign bit per nonzero, one padding bit). Trained
+    tables are mostly zeros at 2 bits (all-MiniLM-L6-v2's cold word rows: 79% zeros, 1.2 bits a
+    code against base 3's 1.6), so the smaller one is stored.
+
+    Example:
+        >>> ternary_bytes(np.array([0, 0, 1, 0, -1, 0, 0, 0, 0, 0]))
+        {'base3': 2, 'mask': 3}
+    """
+    n, nnz = codes.size, int(np.count_nonzero(codes))
+    return {"base3": -(-n // TERNARY_PER_BYTE), "mask": -(-n // 8) + -(-(nnz + 1) // 8)}
+
+
+def _dense_decoded(gr: _Graph, c: Coded, out: str, tag: str):
+    """Nodes computing the fp32 table ``out`` (rows) from its densely packed codes times the
+    scales: 2-bit (ternary) codes five a byte base 3 (:func:`_ternary_codes`), others ``bits``
+    per code in a little-endian bit stream (:func:`_bit_codes`). All inputs are constants, so
+    ONNX Runtime folds the decoding into an fp32 table when the session starts: the file holds
+    about the artifact's bits, the Gather runs at fp32 speed, exactly."""
+    assert c.scale is not None
+    v, d = c.rows.shape
+    nodes: list[onnx.NodeProto] = []
+    notes = []
+    if c.bits == 2:
+        sizes = ternary_bytes(c.codes)
+        if sizes["mask"] < sizes["base3"]:
+            codes, notes = _mask_sign_codes(gr, c, tag, nodes), ["nonzero and sign bits"]
+        else:
+            codes, notes = _ternary_codes(gr, c, tag, nodes), ["base 3, 5 a byte"]
+    else:
+        codes = _bit_codes(gr, c, tag, nodes)
     if c.group:
         g = c.group
         shape = gr.const(f"{tag}_vng", np.array([v, d // g, g], np.int64))
@@ -441,12 +578,13 @@ def _dense_decoded(gr: _Graph, c: Coded, out: str, tag: str):
     r, m = gr.fresh(f"{tag}_r"), gr.fresh(f"{tag}_m")
     final = gr.const(f"{tag}_shape", np.array([v, d], np.int64))
     nodes += [
-        helper.make_node("Reshape", [t["c"], shape], [r]),
+        helper.make_node("Reshape", [codes, shape], [r]),
         helper.make_node("Mul", [r, s], [m]),
         helper.make_node("Reshape", [m, final], [out]),
     ]
-    how = f"Gather of a table decoded at load from {b}-bit packed codes" + (
-        f" (group {c.group})" if c.group else ""
+    notes += [f"group {c.group}"] if c.group else []
+    how = f"Gather of a table decoded at load from {c.bits}-bit packed codes" + (
+        f" ({', '.join(notes)})" if notes else ""
     )
     return nodes, how
 

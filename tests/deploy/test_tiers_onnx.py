@@ -3,7 +3,8 @@
 The graph looks each id up in an int32 slot table, then gathers from the hot and the cold
 table; the low-bit form must store both tables as their own codes (each matched by value to its
 quant record), ship, reproduce the PyTorch outputs within the exporter's tolerances, and stay
-within 1.25x of the artifact's ``size_bytes`` when the embedding dominates the model.
+within 1.25x of the artifact's ``size_bytes`` when the embedding dominates the model (a 2-bit
+cold table too: its ternary codes are not stored at 2 bits, see ``test_ternary_pack``).
 """
 
 from __future__ import annotations
@@ -126,17 +127,18 @@ def test_lowbit_form_ships_with_both_tables_and_matches_torch(
         with torch.no_grad():
             want = q(**batch).last_hidden_state
         _assert_close(_out(om(**batch)), want)
-    if bits >= 3:  # 2-bit tables: see test_tiers_add_little_to_a_two_bit_table
-        assert art.files["model.onnx"] <= 1.25 * art.size_bytes, (
-            art.files["model.onnx"],
-            art.size_bytes,
-        )
+    # 2-bit cold tables too: their ternary codes are stored at <= 1.6 bits (test_ternary_pack)
+    assert art.files["model.onnx"] <= 1.25 * art.size_bytes, (
+        art.files["model.onnx"],
+        art.size_bytes,
+    )
 
 
 def test_tiers_add_little_to_a_two_bit_table(bert: nn.Module, tmp_path: Path) -> None:
-    """2-bit codes hold 3 levels: the artifact entropy-codes them to ~1.5 bits where the ONNX
-    form packs 2, so neither form of a 2-bit table is within 1.25x here; the split itself
-    costs only the hot rows' extra bits and the 4-byte slot per row."""
+    """The split costs the lowbit form only the hot rows' extra bits and the 4-byte slot per
+    row: a hot code takes 4 bits in place of the at least one bit (a nonzero bit, plus a sign
+    bit for a nonzero code; five codes a byte base 3 when that is smaller) it took in the cold
+    table."""
     sizes = {}
     for name, word in {
         "flat": LayerPlan(bits=2, group=32),
@@ -148,7 +150,7 @@ def test_tiers_add_little_to_a_two_bit_table(bert: nn.Module, tmp_path: Path) ->
         assert sorted(forms) == ["fp32", "lowbit"]
         sizes[name] = len(forms["lowbit"])
     hot = 100  # 5% of 2000 rows
-    extra = hot * HIDDEN * (4 - 2) // 8 + 4 * VOCAB  # hot codes' 2 more bits + int32 slots
+    extra = hot * HIDDEN * (4 - 1) // 8 + 4 * VOCAB  # hot codes' <= 3 more bits + int32 slots
     assert 0 < sizes["tiered"] - sizes["flat"] <= extra + 2048, (sizes, extra)
 
 
