@@ -219,7 +219,7 @@ def split_tables(
     return model
 
 
-class _Seen(Exception):
+class _Seen(BaseException):
     """Raised by the counting hook once every table has been looked up (stops the forward)."""
 
 
@@ -236,7 +236,7 @@ def row_counts(
         >>> row_counts(net, ["0"], [torch.tensor([[1, 1, 3]])])["0"].tolist()
         [0.0, 2.0, 0.0, 1.0, 0.0]
     """
-    from autocompress.tasks._batch import call_model
+    from autocompress.tasks._batch import call_model, model_device, to_device
 
     names = list(names)
     mods = {n: model.get_submodule(n) for n in names}
@@ -255,14 +255,21 @@ def row_counts(
 
         return fn
 
+    dev = model_device(model)
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in mods.items()]
     try:
         with torch.no_grad():
             for batch in batches:
                 pending.update(names)
                 with contextlib.suppress(_Seen):
-                    call_model(model, batch)
+                    call_model(model, to_device(batch, dev))
     finally:
         for h in handles:
             h.remove()
+    unread = [n for n, c in counts.items() if not c.any()]
+    if unread:  # e.g. the model reads the table's .weight directly: the ranking would be by id
+        raise PlanError(
+            f"hot_rows: the model never looked up rows of {unread} on the calibration inputs "
+            "(it does not call the table as a module): use hot_rows=0 for it"
+        )
     return counts

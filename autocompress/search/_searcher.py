@@ -206,8 +206,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
         self._log_metrics = tuple(log_metrics)  # before super(): its _setup_study reads them
         self._constraint_names = tuple(constraint_names)
         super().__init__(*args, **kwargs)
-        self._seen_plans: dict[str, str] = {}
+        self._seen_plans: dict[str, str] = {}  # Plan.canonical(plan JSON) -> first trial
         self._plan_of: dict[str, str] = {}
+        self._canonical_keys = True
         self._running: dict[str, str] = {}  # plan -> the trial evaluating it now
         self._exhausted = False
 
@@ -239,7 +240,7 @@ class ConstrainedOptunaSearch(OptunaSearch):
             del self._ot_trials[trial_id]
         if trial_id in self._ot_trials:
             self._ot_trials[trial_id].set_user_attr("trial_id", trial_id)
-        key = config["plan_json"]
+        key = Plan.canonical(config["plan_json"])
         self._plan_of[trial_id] = key
         self._running_plans().setdefault(key, trial_id)
         if key in self._seen_plans:
@@ -247,12 +248,20 @@ class ConstrainedOptunaSearch(OptunaSearch):
         return config
 
     def _first_with(self, plan_json: str) -> str | None:
-        """The trial that evaluated (or is evaluating) ``plan_json`` in this run, if any."""
-        return self._seen_plans.get(plan_json) or self._running_plans().get(plan_json)
+        """The trial that evaluated (or is evaluating) ``plan_json`` in this run, if any
+        (plans compared by :meth:`Plan.canonical`, so a run resumed by a newer version, whose
+        full plan JSON names more knobs, still knows the plans it ran)."""
+        key, running = Plan.canonical(plan_json), self._running_plans()
+        return self._seen_plans.get(key) or running.get(key)
 
     def _running_plans(self) -> dict[str, str]:
         if not hasattr(self, "_running"):  # a searcher pickled before this attribute existed
             self._running = {}
+        if not getattr(self, "_canonical_keys", False):  # pickled with raw plan JSON keys
+            self._seen_plans = {Plan.canonical(k): v for k, v in self._seen_plans.items()}
+            self._running = {Plan.canonical(k): v for k, v in self._running.items()}
+            self._plan_of = {t: Plan.canonical(k) for t, k in self._plan_of.items()}
+            self._canonical_keys = True
         return self._running
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -268,8 +277,9 @@ class ConstrainedOptunaSearch(OptunaSearch):
                 self._describe(ot_trial, result)
             except Exception as e:  # e.g. the trial was already told before a restore
                 log.debug("recording constraints of %s failed: %s", trial_id, e)
+        running = self._running_plans()  # (re-keys a searcher pickled before canonical keys)
         plan_key = self._plan_of.get(trial_id)
-        if plan_key is not None and self._running_plans().get(plan_key) == trial_id:
+        if plan_key is not None and running.get(plan_key) == trial_id:
             del self._running[plan_key]
         if plan_key is not None and result and result.get("status") in ("COMPLETE", "FAILED"):
             self._seen_plans.setdefault(plan_key, result.get("duplicate_of") or trial_id)

@@ -259,8 +259,11 @@ def write_record(run_dir: str | Path, record: dict[str, Any]) -> None:
 
 
 def plan_key(plan_json: str) -> str:
-    """File name of the adoption slot of a plan."""
-    return hashlib.sha256(plan_json.encode()).hexdigest()[:32]
+    """File name of the adoption slot of a plan (of its :meth:`Plan.canonical` JSON, so a
+    version that writes more default knobs into a plan's JSON finds the same slot)."""
+    from autocompress.spaces import Plan
+
+    return hashlib.sha256(Plan.canonical(plan_json).encode()).hexdigest()[:32]
 
 
 def adopt(run_dir: str | Path, trial_id: str, plan_json: str) -> dict[str, Any] | None:
@@ -529,7 +532,7 @@ def stub_record(trial_id: str, plan_json: str) -> dict[str, Any]:
 def _finished_before(run_dir: str, trial_id: str, plan_json: str) -> dict[str, Any] | None:
     """This trial's own record, or an orphan of the same plan to adopt (both from a resume)."""
     old = read_record(run_dir, trial_id)
-    if old is not None and old["plan_json"] == plan_json:
+    if old is not None and plan_key(old["plan_json"]) == plan_key(plan_json):
         return old
     return adopt(run_dir, trial_id, plan_json)
 

@@ -297,7 +297,8 @@ def pick_promising(
     is smaller than ``k``, the next front (the front of the rest), and so on.
 
     Infeasible records whose ``violation`` (the sum of relative constraint violations) is at
-    most ``margin`` come first, front by front, spread from the nearly feasible to the margin:
+    most ``margin`` and that no feasible record dominates come first, front by front, spread
+    along each front by the first metric:
     a fine-tune recovers part of a post-training loss (measured on MiniLM: 200 steps of
     hidden-state distillation took an 8.26x plan from cosine 0.9743 to 0.9857, with
     ``accuracy_drop <= 0.01`` a violation of about 1.6 -> 0.4), so these are the plans that can
@@ -317,7 +318,14 @@ def pick_promising(
     ]
     chosen: list[dict[str, Any]] = []
     if margin > 0:
-        near = [r for r in ok if not r.get("feasible") and _violation(r) <= margin]
+        feasible = [r for r in ok if r.get("feasible")]
+        near = [
+            r
+            for r in ok
+            if not r.get("feasible")
+            and _violation(r) <= margin
+            and not any(_dominates(f, r, objective) for f in feasible)
+        ]
         chosen += _peel(near, objective, k)
     for feasible in (True, False):
         pool = [
@@ -325,6 +333,20 @@ def pick_promising(
         ]
         chosen += _peel(pool, objective, k - len(chosen))
     return chosen
+
+
+def _dominates(a: dict[str, Any], b: dict[str, Any], objective: Objective) -> bool:
+    """Whether record ``a`` is at least as good as ``b`` on every objective (on val) and better
+    on one: a near-feasible ``b`` dominated by a feasible ``a`` cannot move the front."""
+    better = False
+    for m in objective.metrics:
+        x, y = float(a["values"][m.name]), float(b["values"][m.name])
+        if m.direction == "minimize":
+            x, y = -x, -y
+        if x < y:
+            return False
+        better = better or x > y
+    return better
 
 
 def _violation(rec: dict[str, Any]) -> float:

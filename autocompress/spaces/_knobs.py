@@ -236,12 +236,14 @@ def _sample_hot_rows(trial: Any, name: str, ctx: SampleContext) -> float:
 
 def _sample_hot_bits(trial: Any, name: str, ctx: SampleContext) -> int:
     v = ctx.values
-    wider = [b for b in ctx.knobs.hot_bits if b > v["bits"]]
+    choices = list(ctx.knobs.hot_bits)
+    wider = [b for b in choices if b > v["bits"]]
     if v.get("hot_rows", 0.0) <= 0 or not wider:
         return int(KNOBS["hot_bits"].default)
-    if len(wider) > 1:
-        return int(trial.suggest_categorical(name, wider))
-    return int(wider[0])
+    # one fixed list per parameter (TPE refuses choices that change between trials); a draw
+    # not above the table's bits becomes the narrowest width that is
+    b = int(trial.suggest_categorical(name, choices)) if len(choices) > 1 else choices[0]
+    return int(b if b > v["bits"] else min(wider))
 
 
 def layer_conflict(values: Mapping[str, Any]) -> str | None:

@@ -136,6 +136,8 @@ class LayerPlan:
     def __post_init__(self) -> None:
         for spec in knobs_of("layer"):  # rules live in the knob registry (spaces._knobs)
             spec.check(getattr(self, spec.name))
+        if not self.hot_rows and self.hot_bits != 8:  # does nothing: one plan, one spelling
+            object.__setattr__(self, "hot_bits", 8)
         msg = layer_conflict({s.name: getattr(self, s.name) for s in knobs_of("layer")})
         if msg is not None:
             raise PlanError(msg)
@@ -340,6 +342,21 @@ class Plan:
     def to_json(self, compact: bool = False) -> str:
         """JSON without whitespace; ``compact=True`` also leaves out default values."""
         return json.dumps(self.to_dict(compact), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def canonical(cls, plan_json: str) -> str:
+        """The compact JSON of the plan ``plan_json`` describes, or ``plan_json`` itself when it
+        does not parse: one key per plan whichever autocompress version wrote the string (a
+        full ``to_json`` gains a key per new knob, at its default).
+
+        Example:
+            >>> Plan.canonical('{"layers":{"fc1":{"bits":4,"sparsity":0.0}}}')
+            '{"_type":"Plan","_version":1,"layers":{"fc1":{"bits":4}}}'
+        """
+        try:
+            return cls.from_json(plan_json).to_json(compact=True)
+        except (PlanError, ValueError, TypeError):
+            return plan_json
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:

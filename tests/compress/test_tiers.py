@@ -477,3 +477,18 @@ def test_contradicting_knobs_are_one_line_plan_errors(knobs: dict, match: str) -
     with pytest.raises(PlanError, match=match) as e:
         LayerPlan(**{"hot_rows": 0.1, **knobs})
     assert "\n" not in str(e.value)
+
+
+def test_a_table_the_model_never_calls_is_refused() -> None:
+    from autocompress.compress import row_counts
+
+    class ReadsWeight(nn.Module):  # looks rows up through .weight, never calls the module
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(8, 4)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.emb.weight[ids]
+
+    with pytest.raises(PlanError, match="never looked up rows of \\['emb'\\]"):
+        row_counts(ReadsWeight(), ["emb"], [torch.tensor([[1, 2]])])

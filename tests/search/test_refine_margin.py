@@ -82,3 +82,13 @@ def test_resume_keeps_the_margin_the_run_started_with(tmp_path: Path) -> None:
         _resumed_margin(started({"refine": 2, "refine_margin": 0.5}), 1.0)
     assert _resumed_margin(started({"refine": 2}), 1.0) == 0.0  # started before the setting
     assert _resumed_margin(started({"trials": 4}), 1.0) == 1.0  # refine was off then
+
+
+def test_near_plans_a_feasible_plan_dominates_are_not_refined_first() -> None:
+    recs = [
+        _rec("feasible", 0.995, 500, 0.0),
+        _rec("near_dominated", 0.985, 900, 0.5),  # bigger and worse than "feasible"
+        _rec("near_small", 0.982, 300, 0.8),
+    ]
+    pool = {r["trial_id"]: r for r in recs}
+    assert _ids(2, 1.0, pool) == ["near_small", "feasible"]

@@ -196,3 +196,22 @@ def test_sampled_plans_keep_tiers_valid_and_on_embeddings() -> None:
     assert (snap.layers[word].hot_rows, snap.layers[word].hot_bits) == (0.15, 4)
     wide = space.project(Plan(layers={word: LayerPlan(bits=8, hot_rows=0.1, hot_bits=16)}))
     assert (wide.layers[word].hot_rows, wide.layers[word].hot_bits) == (0.0, 8)
+
+
+def test_tpe_samples_three_hot_widths_without_a_dynamic_choice() -> None:
+    """TPE refuses a categorical whose choices change between trials: the hot width is drawn
+    from the whole fixed list, then lifted above the table's bits."""
+    task = _task()
+    space = _space(task, bits=(2, 4, 8), groups=(0,), hot_rows=(0.0, 0.2), hot_bits=(4, 6, 8))
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(n_startup_trials=5, seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        for lp in plan.layers.values():
+            if lp.hot_rows:
+                assert lp.hot_bits > lp.bits
+                seen.add((lp.bits, lp.hot_bits))
+        study.tell(trial, 0.0)
+    assert len(seen) >= 2
+    assert LayerPlan(bits=4, hot_bits=6) == LayerPlan(bits=4)  # does nothing without hot_rows
