@@ -55,7 +55,7 @@ from autocompress.artifacts import export  # noqa: E402
 from autocompress.compress import apply  # noqa: E402
 from autocompress.deploy import OnnxModel, export_fp32, measure_latency, onnx_form  # noqa: E402
 from autocompress.deploy._latency import paired_ratio  # noqa: E402
-from autocompress.deploy._onnx import as_numpy, runner  # noqa: E402
+from autocompress.deploy._onnx import SIZE_SLACK, as_numpy, runner  # noqa: E402
 from autocompress.objectives import Objective  # noqa: E402
 from autocompress.spaces import CompressionSpace, Knobs, LayerPlan, Plan  # noqa: E402
 from autocompress.spaces._plan import FinetuneSettings  # noqa: E402
@@ -216,6 +216,7 @@ def score(task: Task, model: torch.nn.Module, row: Row, example: dict) -> Row:
             batch_size=32,
             calibration=calibration_batch(task),
             check=lambda om: task.evaluate(om, "val")["cosine"] >= MIN_COS,
+            max_bytes=None if row.size_bytes is None else int(SIZE_SLACK * row.size_bytes),
         )
     return row
 
@@ -399,7 +400,8 @@ def main() -> None:
         f"the smallest with val cosine >= "
         f"{MIN_COS}; test numbers are measured after the choice. ONNX: the form "
         f"`onnx_form(int8='auto', batch_size=32)` ships with `calibration=` 64 train sentences "
-        f"and `check=` val cosine >= {MIN_COS} (a form with int8 activations only if it passes "
+        f"and `check=` val cosine >= {MIN_COS}, and `max_bytes=` 1.25x the row's real bytes "
+        f"(a form with int8 activations only if it passes "
         f"and is >5% faster than the exact form), its test cosine to the PyTorch "
         f"teacher; latency: ONNX Runtime {onnxruntime.__version__} CPU, {THREADS} thread, "
         f"all rows interleaved with the fp32 ONNX teacher, a median-length test sentence "

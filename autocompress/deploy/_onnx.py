@@ -18,6 +18,7 @@ tolerance: without them ``"auto"`` ships an exact form.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,16 +189,23 @@ def form_sizes(forms: Mapping[str, bytes]) -> dict[str, int]:
     return {k: len(v) for k, v in forms.items()}
 
 
-def small_forms(forms: Mapping[str, bytes], slack: float = SIZE_SLACK) -> list[str]:
-    """The forms whose file is at most ``slack`` times the smallest one's, smallest first.
+def small_forms(
+    forms: Mapping[str, bytes], slack: float = SIZE_SLACK, max_bytes: int | None = None
+) -> list[str]:
+    """The forms whose file is at most ``slack`` times the smallest one's, smallest first; with
+    ``max_bytes`` (e.g. 1.25x the artifact's ``size_bytes``) also at most that many bytes,
+    unless no form is (then the smallest alone).
 
     Example:
-        >>> small_forms({"fp32": b"x" * 400, "int8": b"x" * 120, "lowbit": b"x" * 100})
-        ['lowbit', 'int8']
+        >>> forms = {"fp32": b"x" * 400, "int8": b"x" * 120, "lowbit": b"x" * 100}
+        >>> small_forms(forms), small_forms(forms, max_bytes=110)
+        (['lowbit', 'int8'], ['lowbit'])
     """
     sizes = form_sizes(forms)
     least = min(sizes.values())
-    return sorted((k for k, n in sizes.items() if n <= slack * least), key=lambda k: sizes[k])
+    cap = max(least, max_bytes) if max_bytes is not None else math.inf
+    ok = (k for k, n in sizes.items() if n <= slack * least and n <= cap)
+    return sorted(ok, key=lambda k: sizes[k])
 
 
 def fastest_form(
@@ -232,9 +240,11 @@ def choose_form(
     threads: int = 1,
     sessions: Mapping[str, OnnxModel] | None = None,
     fidelity: Fidelity | None = None,
+    max_bytes: int | None = None,
 ) -> str:
-    """What ``"auto"`` ships: among the forms within :data:`SIZE_SLACK` of the smallest file,
-    the fastest on ``inputs`` that holds fidelity.
+    """What ``"auto"`` ships: among the forms within :data:`SIZE_SLACK` of the smallest file
+    (and at most ``max_bytes``, see :func:`small_forms`), the fastest on ``inputs`` that holds
+    fidelity.
 
     Exact forms (``fp32``, ``lowbit``) always hold it. A form with int8 activations is a
     candidate only with a ``fidelity`` check (calibration batches, tolerance, optional check
@@ -248,7 +258,7 @@ def choose_form(
         >>> choose_form(forms, as_numpy(torch.randn(8, 4)))
         'fp32'
     """
-    small = small_forms(forms)
+    small = small_forms(forms, max_bytes=max_bytes)
     exact = [k for k in small if is_exact(k)]
     if not exact:  # no exact form within the size slack: fidelity first, the smallest exact one
         exact = small_forms({k: v for k, v in forms.items() if is_exact(k)}, slack=1.0)
@@ -287,6 +297,7 @@ def to_onnx(
     calibration: Any = None,
     tolerance: float | None = None,
     check: Callable[[OnnxModel], bool] | None = None,
+    max_bytes: int | None = None,
 ) -> Path:
     """Write the deployment form of ``model`` to ``path`` as ONNX (opset 18, dynamic batch axis).
 
@@ -329,6 +340,9 @@ def to_onnx(
         check: optional ``check(onnx_model) -> bool`` a form with int8 activations must pass
             (e.g. the task metric on validation data against a constraint: what the search
             does); it needs ``calibration``.
+        max_bytes: with ``"auto"``, ship no form larger than this (e.g. 1.25x the artifact's
+            ``size_bytes``, so a 4-bit model does not deploy as an int8 file twice its size),
+            unless no form fits (then the smallest).
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata
@@ -356,6 +370,7 @@ def to_onnx(
         calibration=calibration,
         tolerance=tolerance,
         check=check,
+        max_bytes=max_bytes,
     )
     atomic_write(path, data)
     return path
@@ -373,6 +388,7 @@ def onnx_form(
     calibration: Any = None,
     tolerance: float | None = None,
     check: Callable[[OnnxModel], bool] | None = None,
+    max_bytes: int | None = None,
 ) -> bytes:
     """The serialized deployment form :func:`to_onnx` writes (same arguments, no file).
 
@@ -411,7 +427,7 @@ def onnx_form(
     forms = deploy_forms(model, example_input, int8=approx, output=output, lowbit=auto)
     if auto:
         x = as_numpy(tile_batch(example_input, batch_size))
-        name = choose_form(forms, x, threads=threads, fidelity=fidelity)
+        name = choose_form(forms, x, threads=threads, fidelity=fidelity, max_bytes=max_bytes)
     else:
         name = "int8" if int8 and "int8" in forms else "fp32"
     return forms[name]

@@ -85,9 +85,13 @@ def choice_setting(metrics: Sequence[Any]) -> tuple[int, int]:
     return DEFAULT_BATCH, 1
 
 
-def _candidates(entry: Any, model: Any, task: Task, batch: int, threads: int) -> list[str]:
+def _candidates(
+    entry: Any, model: Any, task: Task, batch: int, threads: int, max_bytes: int | None = None
+) -> list[str]:
     """Forms to try, in order: those with int8 activations >5% faster than the exact choice
-    (fastest first), the exact choice, then every other form, smallest file first."""
+    (fastest first) and at most ``max_bytes`` (1.25x the artifact: a 4-bit model is not
+    scored as an int8 file twice its size), the exact choice, then every other form, smallest
+    file first."""
     from autocompress.deploy import measure_latency, tile_batch
     from autocompress.deploy._fidelity import is_exact
     from autocompress.deploy._onnx import _MARGIN, as_numpy, runner, small_forms
@@ -97,7 +101,9 @@ def _candidates(entry: Any, model: Any, task: Task, batch: int, threads: int) ->
     exact = _chosen(entry, model, task, batch, threads, "accuracy")
     sizes = {f: len(d) for f, d in entry.forms.items()}
     rest = sorted((f for f in entry.forms if f != exact), key=sizes.__getitem__)
-    approx = [f for f in small_forms(entry.forms) if not is_exact(f) and f != exact]
+    approx = [
+        f for f in small_forms(entry.forms, max_bytes=max_bytes) if not is_exact(f) and f != exact
+    ]
     if not approx:
         return [exact, *rest]
     cands = [exact, *approx]
@@ -137,6 +143,7 @@ def runtime_scores(
     :func:`choice_setting`)."""
     from autocompress.deploy import OnnxModel
     from autocompress.deploy._fidelity import is_exact
+    from autocompress.deploy._onnx import SIZE_SLACK
     from autocompress.objectives._deploy import DEFAULT_BATCH, _entry, _forms, _session
 
     name = task.metric_name
@@ -154,7 +161,9 @@ def runtime_scores(
     else:
         entry.pinned = None
         batch, threads = setting or (DEFAULT_BATCH, 1)
-        order = _candidates(entry, model, task, batch, threads)
+        size = getattr(artifact, "size_bytes", None)
+        cap = int(SIZE_SLACK * size) if isinstance(size, int) and size > 0 else None
+        order = _candidates(entry, model, task, batch, threads, cap)
     scores: dict[str, float] = {}
     chosen = None
     exact = next((f for f in order if is_exact(f)), order[-1])
