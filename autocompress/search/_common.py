@@ -10,3 +10,7 @@ journal format, see ``_journal``), much cheaper per trial than a SQLite study, w
 is a committed transaction; ``optuna-dashboard run_dir/optuna.journal`` opens it."""
 CONSTRAINT_PREFIX = "cv_"
 """Reported keys ``cv_0, cv_1, ...`` hold the constraint values (<= 0 feasible)."""
+
+REFINE_MARGIN = 1.0
+"""Default ``refine_margin``: screened plans whose summed relative constraint violation is at
+most this are refined first (see ``search._tune.pick_promising``)."""

@@ -33,6 +33,7 @@ from autocompress.search._checks import (
     space_needed,
     validate,
 )
+from autocompress.search._common import REFINE_MARGIN
 from autocompress.search._early import EarlyStop
 from autocompress.search._ray import (
     check_resources,
@@ -43,7 +44,6 @@ from autocompress.search._ray import (
 )
 from autocompress.search._result import SearchResult
 from autocompress.search._storage import Remote, locate
-from autocompress.search._tune import REFINE_MARGIN
 from autocompress.spaces import CompressionSpace, Plan
 from autocompress.tasks import Task
 

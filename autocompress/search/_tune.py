@@ -284,11 +284,6 @@ def screening_space(space: CompressionSpace, steps: int) -> CompressionSpace:
     return replace(space, finetune=cheap)
 
 
-REFINE_MARGIN = 1.0
-"""Default ``refine_margin``: screened plans whose summed relative constraint violation is at
-most this are refined first (see :func:`pick_promising`)."""
-
-
 def pick_promising(
     records: dict[str, dict[str, Any]], objective: Objective, k: int, margin: float = 0.0
 ) -> list[dict[str, Any]]:

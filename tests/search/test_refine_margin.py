@@ -10,8 +10,9 @@ import pytest
 from autocompress import ConfigError, Task
 from autocompress.objectives import Objective
 from autocompress.search import run
+from autocompress.search._common import REFINE_MARGIN
 from autocompress.search._driver import _resumed_margin
-from autocompress.search._tune import REFINE_MARGIN, pick_promising
+from autocompress.search._tune import pick_promising
 from autocompress.spaces import CompressionSpace, Knobs
 
 OBJ = Objective(["accuracy", "size_bytes"], constraints=["accuracy_drop <= 0.01"])
