@@ -229,7 +229,9 @@ def row_counts(
     """How often each row of the embedding tables ``names`` is looked up on ``batches``.
 
     The forward pass of each batch stops as soon as every table has been read, so counting
-    costs about as much as reading the batches.
+    costs about as much as reading the batches. A table's ``padding_idx`` row counts 0: padded
+    batches look it up more than any word, yet attention masks and pooling ignore it, so it
+    must not take a hot row from a word.
 
     Example:
         >>> net = nn.Sequential(nn.Embedding(5, 2), nn.Linear(2, 1))
@@ -249,6 +251,8 @@ def row_counts(
             if isinstance(ids, torch.Tensor):
                 flat = ids.detach().reshape(-1).long().cpu()
                 counts[name] += torch.bincount(flat, minlength=len(counts[name])).double()
+                if getattr(mod, "padding_idx", None) is not None:
+                    counts[name][mod.padding_idx] = 0.0
             pending.discard(name)
             if not pending:
                 raise _Seen

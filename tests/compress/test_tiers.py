@@ -233,6 +233,17 @@ def test_row_counts_stop_after_the_tables_and_count_every_lookup() -> None:
     assert not net.emb._forward_pre_hooks  # hooks removed
 
 
+def test_row_counts_skip_the_padding_row() -> None:
+    """Padded batches look up [PAD] most; it must not take a word's hot row."""
+    net = EmbNet()
+    net.emb.padding_idx = 0
+    batches = [torch.tensor([[4, 0, 0, 0], [4, 9, 9, 0]])]
+    c = row_counts(net, ["emb"], batches)["emb"]
+    assert {i: int(v) for i, v in enumerate(c.tolist()) if v} == {4: 2, 9: 2}
+    tiered = TieredEmbedding(net.emb, c, 2)
+    assert tiered.hot_mask.nonzero().flatten().tolist() == [4, 9]
+
+
 class KeywordNet(EmbNet):
     """Calls its table as ``emb(input=ids)``."""
 
