@@ -113,7 +113,8 @@ def hidden_blocks(model: nn.Module) -> list[str]:
     when there is none.
 
     Example:
-        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16)
+        >>> enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         >>> hidden_blocks(enc)
         ['layers.0', 'layers.1']
     """
@@ -146,7 +147,8 @@ class HiddenTaps:
     detaches the hooks.
 
     Example:
-        >>> enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 2)
+        >>> layer = nn.TransformerEncoderLayer(8, 2, 16)
+        >>> enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         >>> taps = HiddenTaps(enc, hidden_blocks(enc))
         >>> _ = enc(torch.randn(3, 5, 8))
         >>> [tuple(h.shape) for h in taps.states]
