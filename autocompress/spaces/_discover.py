@@ -89,6 +89,8 @@ class LayerInfo:
             one scale per channel (1 for HF ``Conv1D``, whose weight is ``(in, out)``).
         aliases: other layer names holding the same tensor (tied weights); a plan may name any
             of them, with the same knobs.
+        tiers: why the table cannot be split into hot and cold rows (``hot_rows``); empty for
+            an ``nn.Embedding`` (or a subclass that only looks rows up) that can.
     """
 
     name: str
@@ -100,6 +102,7 @@ class LayerInfo:
     tensor: str = ""
     axis: int = 0
     aliases: tuple[str, ...] = ()
+    tiers: str = "embedding tables only"
 
     def __post_init__(self) -> None:
         if not self.tensor:
@@ -199,6 +202,7 @@ def discover(model: nn.Module) -> Discovery:
         (['0'], ['0.bias', '1.bias', '1.weight'], 0.57)
     """
     from autocompress.compress._lowrank import factorizable_layers
+    from autocompress.compress._tiers import unsplittable
 
     can_factorize = set(factorizable_layers(model))
     layers: list[LayerInfo] = []
@@ -235,9 +239,21 @@ def discover(model: nn.Module) -> Discovery:
             note = _not_factorizable(model, name, cmod, can_factorize)
             factorizable = not note
         tensor = f"{cname}.{cattr}" if cname else cattr
+        tiers = "embedding tables only"
+        if isinstance(cmod, nn.Embedding) and not param_level:
+            tiers = unsplittable(cmod) or ""
         layers.append(
             LayerInfo(
-                name, kind, p.numel(), tuple(p.shape), factorizable, note, tensor, axis, aliases
+                name,
+                kind,
+                p.numel(),
+                tuple(p.shape),
+                factorizable,
+                note,
+                tensor,
+                axis,
+                aliases,
+                tiers,
             )
         )
     return Discovery(layers, skipped, total)

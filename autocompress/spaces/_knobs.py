@@ -280,8 +280,8 @@ def layer_conflict(values: Mapping[str, Any]) -> str | None:
 
 def _no_tiers(layer: Any) -> str | None:
     """Why ``layer`` cannot be split into hot and cold rows (``hot_rows``), else ``None``."""
-    if layer.kind != "Embedding":
-        return "hot rows: embedding tables only"
+    if layer.tiers:  # not an nn.Embedding, or one computing more than a lookup
+        return f"hot rows: {layer.tiers}"
     if layer.aliases:
         return "hot rows: the table is tied to another layer"
     if not layer.shape or layer.shape[0] < 2:

@@ -134,6 +134,37 @@ def test_describe_lists_the_offered_knobs_from_the_registry() -> None:
     assert KNOBS["rank_ratio"].offered(space.layers[0]) is None
 
 
+def test_hot_rows_are_offered_to_the_tables_that_can_be_split() -> None:
+    """The space offers ``hot_rows`` exactly where ``TieredEmbedding`` accepts the table: a
+    subclass that only looks rows up is offered it; a table with its own forward or max_norm
+    is not (its trials would all be refused)."""
+    from torch import nn
+
+    from autocompress.spaces import CompressionSpace
+
+    class PlainSub(nn.Embedding):
+        pass
+
+    class Scaled(nn.Embedding):
+        def forward(self, input):  # type: ignore[no-untyped-def]
+            return super().forward(input) * 2.0
+
+    net = nn.ModuleDict(
+        {
+            "plain": nn.Embedding(20, 4),
+            "sub": PlainSub(20, 4),
+            "scaled": Scaled(20, 4),
+            "capped": nn.Embedding(20, 4, max_norm=1.0),
+            "fc": nn.Linear(4, 4),
+        }
+    )
+    layers = {layer.name: layer for layer in CompressionSpace.from_model(net).layers}
+    why = {n: KNOBS["hot_rows"].offered(layer) for n, layer in layers.items()}
+    assert why["plain"] is None and why["sub"] is None
+    assert "own forward" in why["scaled"] and "max_norm" in why["capped"]
+    assert why["fc"] == "hot rows: embedding tables only"
+
+
 def test_group_knob_rules() -> None:
     assert LayerPlan(bits=4, group=32).group == 32 and LayerPlan().group == 0
     for bad in (24, 512, True, "32"):
