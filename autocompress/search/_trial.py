@@ -285,13 +285,36 @@ def adopt(run_dir: str | Path, trial_id: str, plan_json: str) -> dict[str, Any] 
     except OSError:  # another trial claimed it first
         return None
     old = _load(claim)
-    if old is None or old["plan_json"] != plan_json:
+    if old is None:  # unreadable: nothing to adopt
         claim.unlink(missing_ok=True)
         return None
-    rec = {**old, "trial_id": trial_id, "adopted_from": old.get("adopted_from") or old["trial_id"]}
+    if not same_plan(old["plan_json"], plan_json):  # not this plan: back to the pool
+        os.replace(claim, slot)
+        return None
+    rec = _adopted(old, trial_id, plan_json)
     write_record(run_dir, rec)
     claim.unlink(missing_ok=True)
     return rec
+
+
+def same_plan(a: str, b: str) -> bool:
+    """Whether two plan JSON strings describe the same plan (by :meth:`Plan.canonical`: a
+    version that writes more default knobs into a plan's JSON still matches).
+
+    Example:
+        >>> old = '{"layers":{"fc1":{"bits":4,"hot_rows":0.0}}}'
+        >>> same_plan(old, '{"layers":{"fc1":{"bits":4}}}')
+        True
+    """
+    from autocompress.spaces import Plan
+
+    return a == b or Plan.canonical(a) == Plan.canonical(b)
+
+
+def _adopted(old: dict[str, Any], trial_id: str, plan_json: str) -> dict[str, Any]:
+    """The orphan record ``old`` taken over by ``trial_id`` (with this version's plan JSON)."""
+    adopted_from = old.get("adopted_from") or old["trial_id"]
+    return {**old, "trial_id": trial_id, "plan_json": plan_json, "adopted_from": adopted_from}
 
 
 def _adopt_remote(remote: Remote, trial_id: str, plan_json: str) -> dict[str, Any] | None:
@@ -302,10 +325,13 @@ def _adopt_remote(remote: Remote, trial_id: str, plan_json: str) -> dict[str, An
     if not remote.exists(slot) or not remote.move(slot, claim):
         return None
     old = _parse(remote.read_bytes(claim, MAX_RECORD_BYTES))
-    if old is None or old["plan_json"] != plan_json:
+    if old is None:
         remote.delete(claim)
         return None
-    rec = {**old, "trial_id": trial_id, "adopted_from": old.get("adopted_from") or old["trial_id"]}
+    if not same_plan(old["plan_json"], plan_json):  # not this plan: back to the pool
+        remote.move(claim, slot)
+        return None
+    rec = _adopted(old, trial_id, plan_json)
     write_record(remote.uri, rec)
     remote.delete(claim)
     return rec
@@ -532,7 +558,7 @@ def stub_record(trial_id: str, plan_json: str) -> dict[str, Any]:
 def _finished_before(run_dir: str, trial_id: str, plan_json: str) -> dict[str, Any] | None:
     """This trial's own record, or an orphan of the same plan to adopt (both from a resume)."""
     old = read_record(run_dir, trial_id)
-    if old is not None and plan_key(old["plan_json"]) == plan_key(plan_json):
+    if old is not None and same_plan(old["plan_json"], plan_json):
         return old
     return adopt(run_dir, trial_id, plan_json)
 
@@ -599,7 +625,7 @@ def run_trial(
     params = {k: v for k, v in config.items() if k not in ("plan_json", "duplicate_of")}
     dup = config.get("duplicate_of")
     orig = read_record(settings.run_dir, dup) if dup else None
-    if orig and orig.get("plan_json") == plan_json:
+    if orig and same_plan(str(orig.get("plan_json")), plan_json):
         now = time.time()
         rec = {**orig, "trial_id": trial_id, "duplicate_of": dup, "duration_s": 0.0}
         rec.update(started_at=now, finished_at=now, host=socket.gethostname())
