@@ -95,6 +95,8 @@ class TieredEmbedding(nn.Module):
         with torch.no_grad():
             self.hot.weight.copy_(w[mask.to(dev)])
             self.cold.weight.copy_(w[~mask.to(dev)])
+        for t in (self.hot, self.cold):  # a frozen table stays frozen in the fine-tune
+            t.weight.requires_grad_(emb.weight.requires_grad)
         self.register_buffer("hot_mask", mask.to(dev))
         self.register_buffer(
             "slot", torch.empty(n, dtype=torch.int32, device=dev), persistent=False
@@ -149,7 +151,8 @@ class TieredEmbedding(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # nn.Embedding's argument name
         k = self.hot.num_embeddings
-        s = self.slot[input]
+        # index_select raises IndexError on an id < 0 or >= rows, as nn.Embedding does
+        s = self.slot.index_select(0, input.reshape(-1)).view(input.shape)
         hot = self.hot(s.clamp(max=k - 1))
         cold = self.cold((s - k).clamp(min=0))
         return torch.where((s < k).unsqueeze(-1), hot, cold)
@@ -260,8 +263,10 @@ def row_counts(
         return fn
 
     dev = model_device(model)
+    modes = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in mods.items()]
     try:
+        model.eval()  # counting must not update BatchNorm statistics (or draw dropout masks)
         with torch.no_grad():
             for batch in batches:
                 pending.update(names)
@@ -270,6 +275,8 @@ def row_counts(
     finally:
         for h in handles:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     unread = [n for n, c in counts.items() if not c.any()]
     if unread:  # e.g. the model reads the table's .weight directly: the ranking would be by id
         raise PlanError(

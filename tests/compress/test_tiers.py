@@ -233,6 +233,39 @@ def test_row_counts_stop_after_the_tables_and_count_every_lookup() -> None:
     assert not net.emb._forward_pre_hooks  # hooks removed
 
 
+def test_row_counts_run_in_eval_mode_and_restore_the_modes() -> None:
+    """Counting must not move BatchNorm statistics of layers before the table; every module
+    gets its own mode back."""
+
+    class Front(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn, self.drop = nn.BatchNorm1d(4), nn.Dropout(0.5)
+            self.emb = nn.Embedding(ROWS, DIM)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            ids = (self.drop(self.bn(x.float())).abs() * 3).long().clamp(max=ROWS - 1)
+            return self.emb(ids)
+
+    net = Front().train()
+    net.drop.eval()  # a mixed-mode model
+    before = net.bn.running_mean.clone()
+    row_counts(net, ["emb"], [torch.tensor([[1, 5, 7, 9], [2, 3, 4, 8]])])
+    assert torch.equal(net.bn.running_mean, before)
+    assert net.training and net.bn.training and net.emb.training and not net.drop.training
+
+
+def test_a_frozen_table_stays_frozen_and_bad_ids_raise() -> None:
+    emb = nn.Embedding(ROWS, DIM)
+    emb.weight.requires_grad_(False)
+    tiered = TieredEmbedding(emb, torch.arange(ROWS).flip(0).double(), 4)
+    assert not tiered.hot.weight.requires_grad and not tiered.cold.weight.requires_grad
+    assert TieredEmbedding(nn.Embedding(ROWS, DIM), None, 4).hot.weight.requires_grad
+    for bad in (-1, ROWS):
+        with pytest.raises(IndexError):
+            tiered(torch.tensor([[0, bad]]))
+
+
 def test_row_counts_skip_the_padding_row() -> None:
     """Padded batches look up [PAD] most; it must not take a word's hot row."""
     net = EmbNet()
