@@ -341,8 +341,9 @@ def to_onnx(
             (e.g. the task metric on validation data against a constraint: what the search
             does); it needs ``calibration``.
         max_bytes: with ``"auto"``, ship no form larger than this (e.g. 1.25x the artifact's
-            ``size_bytes``, so a 4-bit model does not deploy as an int8 file twice its size),
-            unless no form fits (then the smallest).
+            ``size_bytes``, so a 4-bit model does not deploy as an int8 file twice its size).
+            When no form fits, the smallest form that holds fidelity ships: the smallest one
+            if it is exact or passes the check, else the smallest exact form.
 
     Returns:
         ``path`` as a :class:`~pathlib.Path`. The chosen form is in the file's metadata

@@ -89,9 +89,10 @@ def _candidates(
     entry: Any, model: Any, task: Task, batch: int, threads: int, max_bytes: int | None = None
 ) -> list[str]:
     """Forms to try, in order: those with int8 activations >5% faster than the exact choice
-    (fastest first) and at most ``max_bytes`` (1.25x the artifact: a 4-bit model is not
-    scored as an int8 file twice its size), the exact choice, then every other form, smallest
-    file first."""
+    (fastest first), the exact choice, then every other form, smallest file first. A form
+    with int8 activations over ``max_bytes`` (1.25x the artifact: a 4-bit model is not scored
+    as an int8 file twice its size) is never tried, not even when the exact choice breaks a
+    constraint."""
     from autocompress.deploy import measure_latency, tile_batch
     from autocompress.deploy._fidelity import is_exact
     from autocompress.deploy._onnx import _MARGIN, as_numpy, runner, small_forms
@@ -100,7 +101,11 @@ def _candidates(
     assert entry.forms is not None
     exact = _chosen(entry, model, task, batch, threads, "accuracy")
     sizes = {f: len(d) for f, d in entry.forms.items()}
-    rest = sorted((f for f in entry.forms if f != exact), key=sizes.__getitem__)
+    capped = {f for f in entry.forms if max_bytes is not None and sizes[f] > max_bytes}
+    rest = sorted(
+        (f for f in entry.forms if f != exact and (is_exact(f) or f not in capped)),
+        key=sizes.__getitem__,
+    )
     approx = [
         f for f in small_forms(entry.forms, max_bytes=max_bytes) if not is_exact(f) and f != exact
     ]

@@ -128,6 +128,28 @@ def test_no_form_meets_it_reports_the_best_and_is_infeasible(tmp_path: Path) -> 
     assert values["accuracy"] == max(scores.values()) and not obj.feasible(values)
 
 
+def test_forms_over_the_size_cap_are_never_scored(tmp_path: Path, monkeypatch) -> None:
+    """An int8-activation form larger than 1.25x the artifact is not scored, not even as a
+    fallback when the exact form breaks the constraint (the trial would report the accuracy,
+    bytes and latency of a file it promised never to ship)."""
+    import autocompress.deploy._onnx as onnx_mod
+
+    task = tiny_task()
+    q, plan = _q(task)
+    art = export(q, plan, tmp_path / "a")
+    entry = deploy_metrics._entry(q)
+    sizes = {f: len(b) for f, b in deploy_metrics._forms(entry, q, task, "accuracy", True).items()}
+    assert sizes["lowbit"] < min(sizes["lowbit_int8"], sizes["int8"], sizes["int8_token"])
+    cap = sizes["lowbit"]
+    assert runtime_mod._candidates(entry, q, task, 32, 1, cap) == ["lowbit", "fp32"]
+    assert len(runtime_mod._candidates(entry, q, task, 32, 1, None)) == len(sizes)
+    monkeypatch.setattr(onnx_mod, "SIZE_SLACK", (cap + 0.5) / art.size_bytes)  # cap: lowbit
+    obj = Objective(["accuracy"], ["accuracy >= 1.01"], score_runtime="onnxruntime")
+    values = obj.evaluate(q, art, task, "val", _ref(task))
+    scored = {k[len("onnx_score_") :] for k in values if k.startswith("onnx_score_")}
+    assert scored == {"lowbit", "fp32"} and not obj.feasible(values)
+
+
 @pytest.mark.slow
 def test_search_scores_in_onnxruntime(tmp_path: Path) -> None:
     """A 3-trial search with score_runtime: every record names the form it scored."""
