@@ -207,7 +207,9 @@ def _teacher(
 def _resumed_margin(rd: Path, margin: float) -> float:
     """The ``refine_margin`` a resumed run keeps picking its refined plans with: the one it was
     started with (0.0 for a run started before the setting existed: it picked feasible plans
-    first), so a resume never refines a different set; a different explicit value is refused."""
+    first), so a resume never refines a different set. Any other value is refused, the default
+    included (as for ``trials``, ``sampler`` and ``seed``): a run started with
+    ``--refine-margin 0.5`` resumes with ``--refine-margin 0.5``."""
     old = json.loads((rd / "run.json").read_text()).get("settings", {})
     if "refine" not in old:
         return margin
