@@ -39,6 +39,15 @@ def _fmt_value(v: float) -> str:
     return f"{v:.4f}" if abs(v) < 10 else f"{v:.4g}"
 
 
+def _fmt_size(values: dict[str, Any]) -> str:
+    parts = []
+    if isinstance(values.get("size_bytes"), int | float):
+        parts.append(_fmt_bytes(values["size_bytes"]))
+    if isinstance(values.get("compression_ratio"), int | float):
+        parts.append(f"{values['compression_ratio']:.1f}x")
+    return ", ".join(parts)
+
+
 def trial_seconds(durations: Sequence[float], left: int) -> float:
     """Expected seconds per trial for the ``left`` trials still to run, from those done.
 
@@ -149,12 +158,7 @@ class Progress:
         return int(non_dominated(np.asarray(self.points), self.directions).sum())
 
     def _size(self, values: dict[str, Any]) -> str:
-        parts = []
-        if isinstance(values.get("size_bytes"), int | float):
-            parts.append(_fmt_bytes(values["size_bytes"]))
-        if isinstance(values.get("compression_ratio"), int | float):
-            parts.append(f"{values['compression_ratio']:.1f}x")
-        return ", ".join(parts)
+        return _fmt_size(values)
 
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left (None until :data:`MIN_TRIALS_FOR_ETA` trials of this session ended)."""
@@ -199,6 +203,50 @@ class Progress:
             if eta is not None:
                 parts.append(f"ETA {_fmt_seconds(eta)}")
         return " | ".join(parts)
+
+
+def refine_line(
+    done: int,
+    total: int,
+    record: dict[str, Any] | None,
+    metric: str,
+    elapsed: float,
+    workers: int = 1,
+) -> str:
+    """The line printed when the refine stage starts (``record=None``) and each time one of its
+    ``total`` fine-tunes ends: what that plan scored, and an ETA from the mean duration of the
+    fine-tunes done (``workers`` at a time).
+
+    Example:
+        >>> rec = {"trial_id": "a_refined", "refined_from": "a", "status": "COMPLETE",
+        ...        "feasible": True, "duration_s": 600.0,
+        ...        "values": {"accuracy": 0.9927, "size_bytes": 8.85e6, "compression_ratio": 8.48}}
+        >>> print(refine_line(1, 4, rec, "accuracy", 610.0, workers=2).replace(" | ", "\\n"))
+        refine: 1/4 plans fine-tuned
+        a: accuracy 0.9927 (8.85 MB, 8.5x), feasible, in 10m00s
+        elapsed 10m10s, ETA 20m20s
+    """
+    parts = [f"refine: {done}/{total} plans fine-tuned"]
+    if record is not None:
+        tid = record.get("refined_from") or record.get("trial_id")
+        values = record.get("values") or {}
+        took = record.get("duration_s")
+        took_s = f", in {_fmt_seconds(took)}" if isinstance(took, int | float) else ""
+        v = values.get(metric)
+        if record.get("status") == "COMPLETE" and isinstance(v, int | float):
+            size = _fmt_size(values)
+            ok = "feasible" if record.get("feasible") else "infeasible"
+            score = f"{metric} {_fmt_value(v)}" + (f" ({size})" if size else "")
+            parts.append(f"{tid}: {score}, {ok}{took_s}")
+        else:
+            parts.append(f"{tid}: {record.get('status')} ({record.get('reason') or 'no reason'})")
+    left = total - done
+    tail = f"elapsed {_fmt_seconds(elapsed)}"
+    if left > 0 and done > 0:
+        per = elapsed / math.ceil(done / max(1, workers))
+        tail += f", ETA {_fmt_seconds(math.ceil(left / max(1, workers)) * per)}"
+    parts.append(tail)
+    return " | ".join(parts)
 
 
 class ProgressCallback(Callback):

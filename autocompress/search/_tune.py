@@ -18,6 +18,8 @@ import logging
 import math
 import pickletools
 import shutil
+import sys
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -264,7 +266,7 @@ def fit(
         interrupted = any(t.get("status") in UNFINISHED for t in out.values())
         if settings.get("refine") and not interrupted:
             args = (full_space, objective, shipment, trial_settings, settings)
-            out.update(refine(run_dir, out, *args))
+            out.update(refine(run_dir, out, *args, progress=progress))
     return out
 
 
@@ -389,6 +391,7 @@ def refine(
     shipment: Shipment,
     trial_settings: TrialSettings,
     settings: dict[str, Any],
+    progress: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Re-run the ``settings["refine"]`` most promising screened plans (:func:`pick_promising`
     with ``settings["refine_margin"]``) with the space's full fine-tune settings,
@@ -396,10 +399,13 @@ def refine(
 
     Each re-run is a trial of its own (id ``<screened id>_refined``, record field
     ``refined_from``); a refined record already on disk (a resumed run) is kept, not redone.
+    With ``progress``, a line on stderr when the stage starts and one per finished fine-tune
+    (what it scored, an ETA): each takes minutes on a real model.
     Returns ``{trial_id: {error, plan_json, status}}`` entries for the trials table.
     """
     import ray
 
+    from autocompress.search._progress import refine_line
     from autocompress.spaces import Plan
 
     records = read_records(run_dir)
@@ -417,20 +423,31 @@ def refine(
         max_retries=0,
     )
     running: dict[Any, tuple[str, str, str]] = {}
+    workers, metric = max(1, int(settings["workers"])), objective.names[0]
+    start, done = time.monotonic(), len(jobs) - len(todo)
+
+    def say(record: dict[str, Any] | None) -> None:
+        if progress and jobs:
+            line = refine_line(done, len(jobs), record, metric, time.monotonic() - start, workers)
+            print(line, file=sys.stderr, flush=True)
+
+    say(None)
     while todo or running:
         while todo and len(running) < max(1, int(settings["workers"])):
             tid, pj, orig = todo.pop(0)
             ref = remote.remote(tid, pj, orig, shipment, objective, trial_settings)
             running[ref] = (tid, pj, orig)
-        done, _ = ray.wait(list(running), num_returns=1)
-        tid, pj, orig = running.pop(done[0])
+        ready, _ = ray.wait(list(running), num_returns=1)
+        tid, pj, orig = running.pop(ready[0])
         if is_uri(trial_settings.run_dir):  # the refined record, into the driver's mirror
             Remote(trial_settings.run_dir).pull_record(run_dir, tid)
         try:
-            ray.get(done[0])
+            ray.get(ready[0])
         except Exception as e:  # the worker died (watchdog or crash): keep its record if any
             if read_record(run_dir, tid) is None:
                 out[tid]["error"] = _error_reason(e)
+        done += 1
+        say(read_record(run_dir, tid) or {"trial_id": tid, "status": "FAILED", "reason": "died"})
     return out
 
 

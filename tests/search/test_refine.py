@@ -53,16 +53,24 @@ def test_bad_refine_raises(digits_mlp: Task, tmp_path: Path, bad) -> None:
 
 
 def test_refined_trials_join_the_table_with_the_full_fine_tune(
-    digits_mlp: Task, tmp_path: Path
+    digits_mlp: Task, tmp_path: Path, capsys
 ) -> None:
     knobs = Knobs(sparsity=(0.5, 0.9), bits=(4, 8))
     space = CompressionSpace.from_model(digits_mlp.teacher(), knobs, finetune=FT)
     with private_ray(HERE):
         res = run(
             digits_mlp, space, trials=6, workers=2, refine=2, seed=0,
-            run_dir=tmp_path / "run", progress=False, keep_artifacts="all",
+            run_dir=tmp_path / "run", progress=True, keep_artifacts="all",
         )  # fmt: skip
     df = res.trials
+    # the refine stage says when it starts and what each fine-tune scored
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("refine: ")]
+    assert [ln.split(" | ")[0] for ln in said] == [
+        f"refine: {i}/2 plans fine-tuned" for i in range(3)
+    ]
+    named = {ln.split(" | ")[1].split(":")[0] for ln in said[1:]}
+    assert named == set(df["refined_from"].dropna().astype(str)) - {""}
+    assert all("accuracy" in ln and "feasible" in ln for ln in said[1:])
     assert len(df) == 8 and (df["status"] == "COMPLETE").all()
     refined = df[df["refined_from"].fillna("").astype(str) != ""]
     screened = df[df["refined_from"].fillna("").astype(str) == ""]
