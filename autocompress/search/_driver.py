@@ -390,8 +390,14 @@ def run(
                 print(
                     "autocompress: measuring layer sensitivity (once per run_dir)", file=sys.stderr
                 )
+
+            def said(line: str) -> None:  # one line per unit: minutes on a real model
+                print(f"autocompress: {line}", file=sys.stderr, flush=True)
+
             try:
-                first = sensitivity_plans(task, space, objective, run_dir=rd)
+                first = sensitivity_plans(
+                    task, space, objective, run_dir=rd, progress=said if progress else None
+                )
             except BaseException:
                 if not resume:
                     clear_run_dir(rd)

@@ -92,10 +92,11 @@ def test_a_tighter_drop_keeps_plans_larger(task: Task) -> None:
 
 
 def test_search_run_opens_with_sensitivity_plans_and_caches_the_teacher(
-    digits_mlp: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    digits_mlp: Task, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """``search.run(sensitivity=True)``: the pass is cached in ``run_dir/sensitivity``, its plans
-    are the first trials, the settings say so; a second run reuses the cached teacher artifact."""
+    are the first trials, the settings say so, its progress is a line per unit; a second run
+    reuses the cached teacher artifact."""
     from autocompress.search import run
     from autocompress.spaces import FinetuneSettings
 
@@ -110,9 +111,13 @@ def test_search_run_opens_with_sensitivity_plans_and_caches_the_teacher(
     with private_ray(HERE):
         res = run(
             digits_mlp, space, trials=len(first), workers=1, seed=0, sensitivity=True,
-            run_dir=tmp_path / "run", progress=False,
+            run_dir=tmp_path / "run", progress=True,
         )  # fmt: skip
         assert any((res.run_dir / "sensitivity").iterdir())
+        err = capsys.readouterr().err
+        units = len(space.free_groups())
+        said = [ln for ln in err.splitlines() if ln.startswith("autocompress: sensitivity ")]
+        assert [ln.split()[2] for ln in said] == [f"{i}/{units}" for i in range(1, units + 1)]
         got = {json.dumps(Plan.from_json(p).to_dict()) for p in res.trials["plan_json"]}
         assert got == {json.dumps(p.to_dict()) for p in first}  # the warm start, nothing else
         run_json = json.loads((res.run_dir / "run.json").read_text())
