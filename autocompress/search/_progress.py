@@ -212,10 +212,12 @@ def refine_line(
     metric: str,
     elapsed: float,
     workers: int = 1,
+    resumed: int = 0,
 ) -> str:
     """The line printed when the refine stage starts (``record=None``) and each time one of its
-    ``total`` fine-tunes ends: what that plan scored, and an ETA from the mean duration of the
-    fine-tunes done (``workers`` at a time).
+    ``total`` fine-tunes ends: what that plan scored, and an ETA from the time the fine-tunes
+    of this session took (``workers`` at a time; ``resumed`` of the ``done`` ones finished in
+    an earlier session).
 
     Example:
         >>> rec = {"trial_id": "a_refined", "refined_from": "a", "status": "COMPLETE",
@@ -242,8 +244,8 @@ def refine_line(
             parts.append(f"{tid}: {record.get('status')} ({record.get('reason') or 'no reason'})")
     left = total - done
     tail = f"elapsed {_fmt_seconds(elapsed)}"
-    if left > 0 and done > 0:
-        per = elapsed / math.ceil(done / max(1, workers))
+    if left > 0 and done > resumed:
+        per = elapsed / math.ceil((done - resumed) / max(1, workers))
         tail += f", ETA {_fmt_seconds(math.ceil(left / max(1, workers)) * per)}"
     parts.append(tail)
     return " | ".join(parts)

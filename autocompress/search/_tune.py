@@ -424,11 +424,13 @@ def refine(
     )
     running: dict[Any, tuple[str, str, str]] = {}
     workers, metric = max(1, int(settings["workers"])), objective.names[0]
-    start, done = time.monotonic(), len(jobs) - len(todo)
+    start, resumed = time.monotonic(), len(jobs) - len(todo)
+    done = resumed
 
     def say(record: dict[str, Any] | None) -> None:
         if progress and jobs:
-            line = refine_line(done, len(jobs), record, metric, time.monotonic() - start, workers)
+            took = time.monotonic() - start
+            line = refine_line(done, len(jobs), record, metric, took, workers, resumed)
             print(line, file=sys.stderr, flush=True)
 
     say(None)

@@ -7,7 +7,12 @@ import heapq
 import numpy as np
 import pytest
 
-from autocompress.search._progress import MIN_TRIALS_FOR_ETA, Progress, trial_seconds
+from autocompress.search._progress import (
+    MIN_TRIALS_FOR_ETA,
+    Progress,
+    refine_line,
+    trial_seconds,
+)
 
 
 def _simulate(n: int, workers: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,3 +75,18 @@ def test_eta_respects_the_time_budget_and_resumed_trials_do_not_count() -> None:
         p.add("COMPLETE", {"accuracy": 0.5, "duration_s": 10.0}, True, trial_id=str(i))
     assert p.eta(now=p.start + 20) == 10.0  # 100 s of trials left, 10 s of budget
     assert "ETA 10s" in p.line(now=p.start + 20)
+
+
+def test_refine_line_etas_count_only_this_session_s_fine_tunes() -> None:
+    """Two of four plans were refined before a resume: the third took 10 min alone, so one
+    more takes about 10 min (not 10 min / 3 finished)."""
+    rec = {"trial_id": "a_refined", "refined_from": "a", "status": "COMPLETE", "feasible": False,
+           "duration_s": 600.0, "values": {"accuracy": 0.98, "size_bytes": 8.85e6}}  # fmt: skip
+    line = refine_line(3, 4, rec, "accuracy", 600.0, workers=2, resumed=2)
+    assert line.split(" | ")[1:] == [
+        "a: accuracy 0.9800 (8.85 MB), infeasible, in 10m00s",
+        "elapsed 10m00s, ETA 10m00s",
+    ]
+    assert refine_line(2, 4, None, "accuracy", 0.0, 2, resumed=2).endswith("| elapsed 0s")
+    failed = {"trial_id": "b_refined", "status": "FAILED", "reason": "killed"}
+    assert "b_refined: FAILED (killed)" in refine_line(4, 4, failed, "accuracy", 900.0, 2, 2)
