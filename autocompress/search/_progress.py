@@ -157,9 +157,6 @@ class Progress:
             return 0
         return int(non_dominated(np.asarray(self.points), self.directions).sum())
 
-    def _size(self, values: dict[str, Any]) -> str:
-        return _fmt_size(values)
-
     def eta(self, now: float | None = None) -> float | None:
         """Seconds left (None until :data:`MIN_TRIALS_FOR_ETA` trials of this session ended)."""
         left = self.total - self.done
@@ -183,7 +180,7 @@ class Progress:
         ]
         first = self.names[0]
         if self.best is not None:
-            size = self._size(self.best)
+            size = _fmt_size(self.best)
             parts.append(
                 f"best feasible {first} {_fmt_value(self.best[first])}"
                 + (f" ({size})" if size else "")
@@ -194,7 +191,7 @@ class Progress:
         if small and best and small.get("size_bytes") != best.get("size_bytes"):
             value = small.get(first)
             tail = f", {first} {_fmt_value(value)}" if isinstance(value, int | float) else ""
-            parts.append(f"smallest feasible {self._size(small)}{tail}")
+            parts.append(f"smallest feasible {_fmt_size(small)}{tail}")
         left = self.total - self.done
         if left <= 0 or final:
             parts.append(f"done in {_fmt_seconds(elapsed)}")

@@ -625,7 +625,7 @@ def run_trial(
     params = {k: v for k, v in config.items() if k not in ("plan_json", "duplicate_of")}
     dup = config.get("duplicate_of")
     orig = read_record(settings.run_dir, dup) if dup else None
-    if orig and same_plan(str(orig.get("plan_json")), plan_json):
+    if orig and same_plan(orig["plan_json"], plan_json):  # read_record checked it is a str
         now = time.time()
         rec = {**orig, "trial_id": trial_id, "duplicate_of": dup, "duration_s": 0.0}
         rec.update(started_at=now, finished_at=now, host=socket.gethostname())

@@ -435,7 +435,7 @@ def refine(
 
     say(None)
     while todo or running:
-        while todo and len(running) < max(1, int(settings["workers"])):
+        while todo and len(running) < workers:
             tid, pj, orig = todo.pop(0)
             ref = remote.remote(tid, pj, orig, shipment, objective, trial_settings)
             running[ref] = (tid, pj, orig)
@@ -445,11 +445,14 @@ def refine(
             Remote(trial_settings.run_dir).pull_record(run_dir, tid)
         try:
             ray.get(ready[0])
+            error = None
         except Exception as e:  # the worker died (watchdog or crash): keep its record if any
-            if read_record(run_dir, tid) is None:
-                out[tid]["error"] = _error_reason(e)
+            error = _error_reason(e)
+        rec = read_record(run_dir, tid)
+        if rec is None and error is not None:
+            out[tid]["error"] = error
         done += 1
-        say(read_record(run_dir, tid) or {"trial_id": tid, "status": "FAILED", "reason": "died"})
+        say(rec or {"trial_id": tid, "status": "FAILED", "reason": "died"})
     return out
 
 

@@ -72,6 +72,10 @@ def weight_kind(module: nn.Module, attr: str) -> tuple[str, int, bool] | None:
     return None
 
 
+NOT_A_TABLE = "embedding tables only"
+"""``LayerInfo.tiers`` of a weight that is not an embedding table (no ``hot_rows``)."""
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """A compressible weight tensor found in a model (one set of knobs).
@@ -102,7 +106,7 @@ class LayerInfo:
     tensor: str = ""
     axis: int = 0
     aliases: tuple[str, ...] = ()
-    tiers: str = "embedding tables only"
+    tiers: str = NOT_A_TABLE
 
     def __post_init__(self) -> None:
         if not self.tensor:
@@ -239,7 +243,7 @@ def discover(model: nn.Module) -> Discovery:
             note = _not_factorizable(model, name, cmod, can_factorize)
             factorizable = not note
         tensor = f"{cname}.{cattr}" if cname else cattr
-        tiers = "embedding tables only"
+        tiers = NOT_A_TABLE
         if isinstance(cmod, nn.Embedding) and not param_level:
             tiers = unsplittable(cmod) or ""
         layers.append(
